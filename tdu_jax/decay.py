@@ -1,0 +1,102 @@
+"""Selection of units and their time-inspired decay ``theta <- theta * exp(-lambda * dt)``."""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdu_jax.importance import Importance
+from tdu_jax.units import check_mask_structure
+
+PyTree = Any
+SELECTIONS = ("topk", "random")
+
+
+def resolve_k(k: int | float, num_units: int) -> int:
+    """Turns K (a count, or a fraction in (0, 1] given as a float) into a count.
+
+    Args:
+      k: an int in [1, num_units], or a float fraction in (0, 1].
+      num_units: how many units there are.
+
+    Returns:
+      The number of units to select (>= 1).
+    """
+    if isinstance(k, bool) or not isinstance(k, int | float | np.integer | np.floating):
+        raise ValueError(f"top_k must be a count or a fraction; got {k!r}")
+    if isinstance(k, float | np.floating):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"top_k as a fraction must be in (0, 1]; got {k}")
+        return max(1, int(round(k * num_units)))
+    if not 1 <= k <= num_units:
+        raise ValueError(f"top_k must be in [1, {num_units}] (the number of units); got {k}")
+    return int(k)
+
+
+def rank_units(importance: Importance) -> np.ndarray:
+    """Unit indices from most to least important.
+
+    Order: accuracy drop (descending), then cross-entropy increase (descending),
+    then unit index (ascending), so the ranking is deterministic.
+    """
+    order = np.lexsort((importance.units, -importance.loss_increase, -importance.accuracy_drop))
+    return importance.units[order]
+
+
+def select_top_k(importance: Importance, k: int | float) -> np.ndarray:
+    """The K most important units (sorted by unit index)."""
+    count = resolve_k(k, importance.units.size)
+    return np.sort(rank_units(importance)[:count])
+
+
+def select_random_k(key: jax.Array, num_units: int, k: int | float) -> np.ndarray:
+    """K distinct units drawn uniformly with ``key`` (sorted), the reference baseline."""
+    count = resolve_k(k, num_units)
+    return np.sort(np.asarray(jax.random.choice(key, num_units, (count,), replace=False)))
+
+
+def check_decay_args(lam: float, dt: float, steps: int = 0) -> None:
+    """ValueError naming ``lambda``, ``dt`` or ``decay_steps`` when out of range."""
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lambda must be finite and >= 0; got {lam}")
+    if not math.isfinite(dt) or dt <= 0:
+        raise ValueError(f"dt must be finite and > 0; got {dt}")
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0:
+        raise ValueError(f"decay_steps must be an integer >= 0; got {steps!r}")
+
+
+def decay_factor(lam: float, dt: float) -> float:
+    """``exp(-lambda * dt)``: the factor one decay step applies."""
+    check_decay_args(lam, dt)
+    return math.exp(-lam * dt)
+
+
+@jax.jit
+def _decay_step(params: PyTree, mask: PyTree, factor: jax.Array) -> PyTree:
+    return jax.tree.map(lambda p, m: jnp.where(m, p * factor.astype(p.dtype), p), params, mask)
+
+
+def decay_step(params: PyTree, mask: PyTree, lam: float, dt: float) -> PyTree:
+    """One decay step: masked entries times ``exp(-lambda * dt)``, others bit-identical.
+
+    Args:
+      params: params tree.
+      mask: bool tree of the same structure (``units.unit_mask``).
+      lam: decay rate lambda >= 0 (per unit of time).
+      dt: time step > 0.
+
+    Returns:
+      The decayed params tree.
+    """
+    check_mask_structure(params, mask)
+    return _decay_step(params, mask, jnp.float32(decay_factor(lam, dt)))
+
+
+def decay(params: PyTree, mask: PyTree, lam: float, dt: float, steps: int) -> PyTree:
+    """``steps`` decay steps in a row (the T-step schedule without fine-tuning)."""
+    check_decay_args(lam, dt, steps)
+    for _ in range(steps):
+        params = decay_step(params, mask, lam, dt)
+    return params

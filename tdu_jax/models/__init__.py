@@ -1,0 +1,57 @@
+"""Model zoo: LeNet-5 (MNIST) and CIFAR ResNets, all as chains of named stages."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tdu_jax.models.lenet import LeNet5
+from tdu_jax.models.resnet import ResNet, ResNet18, ResNetTiny
+from tdu_jax.models.stages import Stage, apply_stages, stage_variables
+
+MODELS = ("lenet", "resnet18", "resnet_tiny")
+
+
+def get_model(name: str, num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32):
+    """Builds a model by name.
+
+    Args:
+      name: one of ``MODELS``.
+      num_classes: number of logits.
+      width: channel multiplier for ResNets (ignored by LeNet; must be > 0).
+      dtype: ResNet computation dtype (parameters stay float32).
+
+    Returns:
+      An unbound ``flax.linen.Module`` with a ``stages()`` method.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0; got {width}")
+    if name == "lenet":
+        return LeNet5(num_classes=num_classes)
+    family = ResNet18 if name == "resnet18" else ResNetTiny
+    if name == "resnet_tiny":
+        width = width * 0.125
+    return family(num_classes=num_classes, width=width, dtype=dtype)
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):
+    """Initialises ``model`` on a dummy batch -> ``(params, batch_stats)``."""
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+__all__ = [
+    "MODELS",
+    "LeNet5",
+    "ResNet",
+    "ResNet18",
+    "ResNetTiny",
+    "Stage",
+    "apply_stages",
+    "get_model",
+    "init_variables",
+    "stage_variables",
+]
