@@ -42,7 +42,6 @@ import optax
 
 from tdu_jax import units as units_lib
 from tdu_jax.models import layers as chain
-from tdu_jax.models.stages import Stage, apply_stages
 
 PyTree = Any
 Progress = Callable[[int, int, float], None]  # (units done, units total, seconds elapsed)
@@ -358,7 +357,8 @@ def ablation_importance(
         s, _ = _locate_piece(pieces, spec.layers[int(pos)].path)
         by_piece.setdefault(s, []).append(int(pos))
     for s in sorted(by_piece):
-        prefix = jax.jit(lambda p, bs, x, s=s: apply_stages(_as_stages(pieces), p, bs, x, 0, s))
+        # _apply_piece, unlike stages.apply_stages, allows stages without parameters.
+        prefix = jax.jit(lambda p, bs, x, s=s: _apply_from(pieces[:s], p, bs, x, 0))
         fns = {}
         for pos in by_piece[s]:
             layer = spec.layers[pos]
@@ -389,10 +389,6 @@ def ablation_importance(
         sample_size=n,
         seconds=time.perf_counter() - start_time,
     )
-
-
-def _as_stages(pieces) -> tuple[Stage, ...]:
-    return tuple(Stage(p.name, p.module) for p in pieces)
 
 
 def naive_importance(

@@ -115,6 +115,7 @@ def unlearn(
     config: UnlearnConfig,
     key: jax.Array,
     event: Event | None = None,
+    precomputed: importance.Importance | None = None,
 ) -> UnlearnResult:
     """Runs one unlearning configuration from a trained model.
 
@@ -127,6 +128,8 @@ def unlearn(
       config: the run's settings.
       key: PRNG key (random-K selection and fine-tune batch order).
       event: optional ``event(phase, info)`` hook for progress reporting.
+      precomputed: importance of all units of ``params`` on this sample, to reuse
+        across runs (ignored by random selection; re-estimation still recomputes).
 
     Returns:
       ``UnlearnResult``; history entries hold ``step``, ``finetune_batches`` and, when
@@ -166,6 +169,10 @@ def unlearn(
     def select() -> tuple[np.ndarray, importance.Importance | None]:
         if config.selection == "random":
             return decay.select_random_k(select_key, spec.num_units, config.top_k), None
+        if precomputed is not None and not history[1:]:
+            if precomputed.units.size != spec.num_units:
+                raise ValueError("precomputed importance does not cover every unit of params")
+            return decay.select_top_k(precomputed, config.top_k), precomputed
         start = time.perf_counter()
         imp = importance.ablation_importance(
             model,
@@ -257,5 +264,8 @@ def retrain_from_scratch(
 
 
 def epochs_to_batches(epochs: float, retain_size: int, batch_size: int) -> int:
-    """Fine-tune batches in ``epochs`` epochs of the retain set (352 for CIFAR, B=128)."""
-    return int(math.ceil(epochs * (retain_size // batch_size)))
+    """Fine-tune batches in ``epochs`` epochs of the retain set (352 for CIFAR, B=128).
+
+    An epoch counts its last, partial batch: ``ceil(retain_size / batch_size)`` batches.
+    """
+    return int(math.ceil(epochs * -(-retain_size // batch_size)))

@@ -1,0 +1,32 @@
+"""Unlearn an MNIST digit from LeNet-5 by time-inspired decay (one run).
+
+    python -m experiments.mnist_lenet                      # forget digit 0, defaults
+    python -m experiments.mnist_lenet --preset=L4 --seed=1
+    python -m experiments.mnist_lenet --max_train_examples=2000 --train_epochs=1  # smoke
+
+Trains LeNet-5 once (about 2 minutes on 2 CPU cores; reused from <workdir>/base),
+then runs importance -> decay -> fine-tune in about a minute and writes
+<workdir>/<run_name>/result.json.
+"""
+
+from absl import app
+
+from experiments import common
+
+# Table-wide choices for LeNet/MNIST (see BUILD_NOTES.md for the sweep behind them).
+DEFAULTS = dict(
+    forget_class="0", model="lenet", lam=0.1, dt=1.0, decay_steps=7, top_k="1000",
+    granularity="weight", include=None, finetune_lr=0.01, train_epochs=8,
+    train_optimizer="adam", train_lr=2e-3, train_weight_decay=0.0, train_schedule="cosine",
+    augment=False, unit_chunk=256,
+)  # fmt: skip
+
+
+def main(argv):
+    del argv
+    common.main_single("mnist")
+
+
+if __name__ == "__main__":
+    common.define_flags(**DEFAULTS)
+    app.run(main)
