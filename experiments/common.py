@@ -113,16 +113,22 @@ def config_from_flags(dataset: str, defaults: dict | None = None) -> dict:
             values["lambda" if key == "lam" else key] = value
     values["lam"] = values.pop("lambda")
     if row is not None:
-        for key, value in presets.preset(row).items():
-            flag_name = "lambda" if key == "lam" else key
-            if not FLAGS[flag_name].present:
-                values[key] = value
+        values = apply_preset(values, row)
     values["dataset"] = dataset
     values["row"] = row
     return validate_config(values)
 
 
 _OWN_FLAGS: list[str] = []
+
+
+def apply_preset(cfg: dict, row: str) -> dict:
+    """``cfg`` with row ``row``'s settings, except those given explicitly as flags."""
+    out = dict(cfg)
+    for key, value in presets.preset(row).items():
+        if not FLAGS["lambda" if key == "lam" else key].present:
+            out[key] = value
+    return out
 
 
 def validate_config(cfg: dict) -> dict:

@@ -42,7 +42,7 @@ SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
 
 def sweep_hparams(cfg, model, params, batch_stats, train_split, imp, spec, grid, row) -> dict:
     """Scores each (K, dt) of ``grid`` with row ``row``'s decay (no fine-tuning) on train data."""
-    settings = {**cfg, **presets.preset(row)}
+    settings = common.apply_preset(cfg, row)
     forget, retain = data.forget_retain(train_split, cfg["forget_class"])
     retain = data.random_fraction(retain, min(1.0, SWEEP_RETAIN_SAMPLE / retain.size), 0)
     points = []
@@ -98,7 +98,7 @@ def run_table(name: str) -> dict:
         train_split, test_split, model, params, bs, base = common.prepare_base(cfg)
         imp, spec, sweep = None, None, None
         needs_imp = any(
-            shares_importance(common.validate_config({**cfg, **presets.preset(r)}), cfg)
+            shares_importance(common.validate_config(common.apply_preset(cfg, r)), cfg)
             for r in rows
         )
         if needs_imp:
@@ -124,7 +124,7 @@ def run_table(name: str) -> dict:
             report.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
         for row in rows:
             row_cfg = common.validate_config(
-                {**cfg, **presets.preset(row), "row": row, "run_name": f"{row}-seed{seed}"}
+                {**common.apply_preset(cfg, row), "row": row, "run_name": f"{row}-seed{seed}"}
             )
             result = common.existing_result(row_cfg)
             if result is None:

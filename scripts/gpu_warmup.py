@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import cifar_ship, common, presets  # noqa: E402
+from experiments import cifar_ship, common  # noqa: E402
 from tdu_jax import data, decay, importance, models, report, train, units  # noqa: E402
 
 flags.DEFINE_string("out", None, "Folder for the LeNet benchmark JSON.")
@@ -69,7 +69,7 @@ def main(argv):
     samples = {
         "forget": common.importance_sample(cfg, train_split),
         **{
-            row: common.importance_sample({**cfg, **presets.preset(row)}, train_split)
+            row: common.importance_sample(common.apply_preset(cfg, row), train_split)
             for row in ("C9", "C10")
         },
     }
