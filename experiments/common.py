@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags, logging
+from absl import app, flags, logging
 
 import tdu_jax
 from experiments import presets
@@ -137,7 +137,10 @@ def validate_config(cfg: dict) -> dict:
     data.check_dataset(cfg["dataset"])
     if cfg["model"] not in models.MODELS:
         raise ValueError(f"--model must be one of {', '.join(models.MODELS)}; got {cfg['model']!r}")
-    cfg["forget_class"] = list(data.parse_classes(cfg["dataset"], cfg["forget_class"]))
+    try:
+        cfg["forget_class"] = list(data.parse_classes(cfg["dataset"], cfg["forget_class"]))
+    except ValueError as e:
+        raise ValueError(f"--forget_class: {e}") from None
     cfg["top_k"] = parse_top_k(cfg["top_k"]) if isinstance(cfg["top_k"], str) else cfg["top_k"]
     if not 0 < cfg["importance_fraction"] <= 1:
         raise ValueError(
@@ -168,7 +171,10 @@ def validate_config(cfg: dict) -> dict:
 
 def check_workdir(workdir: str) -> None:
     path = pathlib.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir} cannot be created: {e}") from None
     if not os.access(path, os.W_OK):
         raise ValueError(f"--workdir {workdir} is not writable")
 
@@ -405,6 +411,19 @@ def prepare_base(cfg: dict):
     return train_split, test_split, model, params, batch_stats, base
 
 
+def usage_errors(fn):
+    """Turns a bad-setting ValueError/FileExistsError into absl's usage error (no traceback)."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileExistsError) as e:
+            raise app.UsageError(str(e)) from None
+
+    return wrapped
+
+
+@usage_errors
 def main_single(dataset: str) -> None:
     """Body of mnist_lenet / cifar_ship: one run, then a one-screen summary."""
     cfg = config_from_flags(dataset)

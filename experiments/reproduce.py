@@ -157,6 +157,7 @@ def write_summary(name: str, table_dir: pathlib.Path, per_row: dict) -> None:
     report.plot_bars(results, table_dir / "bars.png")
 
 
+@common.usage_errors
 def main(argv):
     del argv
     start = time.perf_counter()

@@ -369,9 +369,10 @@ def ablation_importance(
             x_s = prefix(params, batch_stats, x) if s > 0 else x
             for pos in by_piece[s]:
                 where = np.flatnonzero(layer_pos == pos)
-                for start in range(0, where.size, unit_chunk):
-                    sel = where[start : start + unit_chunk]
-                    ids = np.full(unit_chunk, local[sel[-1]], np.int32)
+                chunk = min(unit_chunk, where.size)  # a small layer is not padded to a chunk
+                for start in range(0, where.size, chunk):
+                    sel = where[start : start + chunk]
+                    ids = np.full(chunk, local[sel[-1]], np.int32)
                     ids[: sel.size] = local[sel]
                     c, ce = fns[pos](params, batch_stats, x_s, y, v, jnp.asarray(ids))
                     correct[sel] += np.asarray(c)[: sel.size]
