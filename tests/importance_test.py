@@ -30,6 +30,16 @@ def _assert_same(fast, naive):
     assert fast.accuracy_drop.shape == fast.loss_increase.shape == fast.units.shape
 
 
+def _fast_matches_naive(model, params, batch_stats, images, labels, spec, subset, **chunking):
+    """Runs the fast engine and the naive loop on ``subset``; asserts they agree."""
+    fast = importance.ablation_importance(
+        model, params, batch_stats, images, labels, spec, units=subset, **chunking
+    )
+    naive = importance.naive_importance(model, params, batch_stats, images, labels, spec, subset)
+    _assert_same(fast, naive)
+    return fast
+
+
 def _per_layer_subset(spec, rng, kernel_count, bias_count=0, extra=()):
     """Random kernel and bias units from every layer (plus ``extra``), shuffled."""
     chosen = list(extra)
@@ -153,19 +163,9 @@ def test_lenet_weight_units_every_layer_match_naive(trained_lenet, lenet_sample,
     assert all(n % 6 for n in per_layer)  # the last chunk of every layer is padded
     assert [importance.layer_strategy(model, spec, layer) for layer in spec.layers] == ["delta"] * 5
     made, traces = _record_compiles(monkeypatch, "_chain_cache")
-    fast = importance.ablation_importance(
-        model,
-        params,
-        batch_stats,
-        images,
-        labels,
-        spec,
-        units=subset,
-        unit_chunk=6,
-        sample_batch=48,
+    fast = _fast_matches_naive(
+        model, params, batch_stats, images, labels, spec, subset, unit_chunk=6, sample_batch=48
     )
-    naive = importance.naive_importance(model, params, batch_stats, images, labels, spec, subset)
-    _assert_same(fast, naive)
     assert fast.sample_size == 100
     assert 70 < fast.base_accuracy < 100
     assert np.count_nonzero(fast.accuracy_drop) >= 3  # not a vacuous comparison
@@ -223,19 +223,9 @@ def test_resnet_tiny_filter_units_match_naive(resnet_tiny, include_bn):
     assert {importance.layer_strategy(model, spec, layer) for layer in spec.layers} == {"mask"}
     assert (spec.layers[-1].bn_path is not None) == include_bn  # stem/conv <-> stem/bn
     subset = _per_layer_subset(spec, np.random.default_rng(1), 3)
-    fast = importance.ablation_importance(
-        model,
-        params,
-        batch_stats,
-        images,
-        labels,
-        spec,
-        units=subset,
-        unit_chunk=2,
-        sample_batch=16,
+    fast = _fast_matches_naive(
+        model, params, batch_stats, images, labels, spec, subset, unit_chunk=2, sample_batch=16
     )
-    naive = importance.naive_importance(model, params, batch_stats, images, labels, spec, subset)
-    _assert_same(fast, naive)
     assert np.count_nonzero(fast.accuracy_drop) >= 5
 
 
@@ -262,19 +252,9 @@ def test_resnet_tiny_weight_units_copy_match_naive(resnet_tiny):
         for layer in spec.layers
     ]
     subset = _per_layer_subset(spec, np.random.default_rng(2), 3, 2, largest)
-    fast = importance.ablation_importance(
-        model,
-        params,
-        batch_stats,
-        images,
-        labels,
-        spec,
-        units=subset,
-        unit_chunk=3,
-        sample_batch=16,
+    fast = _fast_matches_naive(
+        model, params, batch_stats, images, labels, spec, subset, unit_chunk=3, sample_batch=16
     )
-    naive = importance.naive_importance(model, params, batch_stats, images, labels, spec, subset)
-    _assert_same(fast, naive)
     assert np.count_nonzero(np.abs(fast.loss_increase) > 1e-4) >= 5
 
 
@@ -318,19 +298,9 @@ def test_generic_weight_units_match_naive(generic):
     assert [layer.name for layer in spec.layers] == ["conv1", "conv2", "inner/fc", "out"]
     assert {importance.layer_strategy(model, spec, layer) for layer in spec.layers} == {"copy"}
     subset = _per_layer_subset(spec, np.random.default_rng(5), 6, 2)
-    fast = importance.ablation_importance(
-        model,
-        params,
-        batch_stats,
-        images,
-        labels,
-        spec,
-        units=subset,
-        unit_chunk=4,
-        sample_batch=20,
+    fast = _fast_matches_naive(
+        model, params, batch_stats, images, labels, spec, subset, unit_chunk=4, sample_batch=20
     )
-    naive = importance.naive_importance(model, params, batch_stats, images, labels, spec, subset)
-    _assert_same(fast, naive)
     assert np.count_nonzero(np.abs(fast.loss_increase) > 1e-4) >= 5
 
 
