@@ -314,3 +314,20 @@ def test_invalid_flags_fail_fast(args, needle, tmp_path):
     assert "Training base" not in output
     assert not (workdir / "base").exists()
     assert seconds < 60
+
+
+def test_train_base_prints_per_class_accuracy_and_reuses_checkpoint(tfds_dir, tmp_path):
+    args = ["--dataset=mnist", f"--workdir={tmp_path}", *MNIST_TINY[:3]]
+    proc, output, _ = _run("train_base", args, tfds_dir)
+    _check_ok(proc, output)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[1].startswith("test accuracy:"), lines
+    per_class = [line.split(":") for line in lines[2:]]
+    assert [name.strip() for name, _ in per_class] == [str(d) for d in range(10)]
+    assert all(0.0 <= float(acc.strip(" %")) <= 100.0 for _, acc in per_class)
+    checkpoints = list((tmp_path / "base").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "config.json").is_file()
+    proc, output, _ = _run("train_base", args, tfds_dir)
+    _check_ok(proc, output)
+    assert "Reusing base model" in output
+    assert proc.stdout.splitlines()[1] == lines[1]  # same model, same accuracy
