@@ -14,7 +14,7 @@ import time
 import jax
 import pytest
 
-from experiments import presets
+from experiments import cifar_ship, presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -279,7 +279,7 @@ def test_config_precedence_preset_vs_explicit_flags(tmp_path):
     assert (plain["row"], plain["lam"], plain["decay_steps"], plain["finetune"]) == (
         None, 0.3, 16, "none",
     )  # fmt: skip
-    assert plain["top_k"] == 0.05 and plain["forget_class"] == [8]
+    assert plain["top_k"] == float(cifar_ship.DEFAULTS["top_k"]) and plain["forget_class"] == [8]
 
 
 # ------------------------------------------------------------------------- flag validation
