@@ -572,8 +572,10 @@ def print_summary(result: dict) -> str:
     ref = REFERENCE.get(row_id) or {}
     before = result.get("base") or {}
     after = result.get("final") or {}
-    setting = ref.get("setting") or _config_setting(result.get("config"))
-    lines = [f"Row {row_id}" + (f" — {setting}" if setting else "")]
+    # What actually ran (explicit flags may override a preset), else the reference's words.
+    setting = _config_setting(result.get("config")) or ref.get("setting")
+    title = f"Row {row_id}" if row_id != "?" else "Run"
+    lines = [title + (f" — {setting}" if setting else "")]
     lines.append(f"{'accuracy (%)':<16}{'before':>9}{'after':>9}{'ref':>9}")
     ref_base = REFERENCE_BASE["cifar"] if row_id.startswith("C") else {}
     metrics = [

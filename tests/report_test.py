@@ -361,7 +361,8 @@ def test_plot_importance(tmp_path, scores):
 
 def test_print_summary():
     text = report.print_summary(_result("C7"))
-    assert text.startswith("Row C7 — " + report.REFERENCE["C7"]["setting"])
+    # The header describes what ran (3 steps here), not the reference row's words.
+    assert text.startswith("Row C7 — topk K=300, λ=0.1, 3 steps, fine-tune after_each (17 batches)")
     forget = next(line for line in text.splitlines() if line.startswith("forget "))
     assert forget.split() == ["forget", "96.10", "4.32", "4.40"]
     retain = next(line for line in text.splitlines() if line.startswith("retain "))
