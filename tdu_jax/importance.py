@@ -42,6 +42,7 @@ import optax
 
 from tdu_jax import units as units_lib
 from tdu_jax.models import layers as chain
+from tdu_jax.models.stages import Stage, stage_variables
 
 PyTree = Any
 Progress = Callable[[int, int, float], None]  # (units done, units total, seconds elapsed)
@@ -59,17 +60,11 @@ class Importance(NamedTuple):
     seconds: float
 
 
-class _Piece(NamedTuple):
-    """A stage as the engine sees it; ``name`` None means the whole params tree."""
-
-    name: str | None
-    module: nn.Module
-
-
-def _pieces(model: nn.Module) -> tuple[_Piece, ...]:
+def _pieces(model: nn.Module) -> tuple[Stage, ...]:
+    """The model's stages; a model without ``stages()`` is one stage named None."""
     if hasattr(model, "stages"):
-        return tuple(_Piece(s.name, s.module) for s in model.stages())
-    return (_Piece(None, model),)
+        return tuple(model.stages())
+    return (Stage(None, model),)
 
 
 def _sub(tree: PyTree, name: str | None) -> PyTree:
@@ -78,11 +73,11 @@ def _sub(tree: PyTree, name: str | None) -> PyTree:
     return tree.get(name, {}) if tree else {}
 
 
-def _apply_piece(piece: _Piece, params, batch_stats, x):
-    variables = {"params": _sub(params, piece.name)}
-    bs = _sub(batch_stats, piece.name)
-    if bs:
-        variables["batch_stats"] = bs
+def _apply_piece(piece: Stage, params, batch_stats, x):
+    if piece.name is None:  # the whole model
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    else:
+        variables = stage_variables(piece, params, batch_stats)
     return piece.module.apply(variables, x, train=False)
 
 
@@ -357,7 +352,6 @@ def ablation_importance(
         s, _ = _locate_piece(pieces, spec.layers[int(pos)].path)
         by_piece.setdefault(s, []).append(int(pos))
     for s in sorted(by_piece):
-        # _apply_piece, unlike stages.apply_stages, allows stages without parameters.
         prefix = jax.jit(lambda p, bs, x, s=s: _apply_from(pieces[:s], p, bs, x, 0))
         fns = {}
         for pos in by_piece[s]:

@@ -18,13 +18,13 @@ PyTree = Any
 class Stage(NamedTuple):
     """One link of a staged model: ``module`` is unbound; its variables are ``[name]``."""
 
-    name: str
+    name: str | None  # None only for a whole model taken as one stage (importance)
     module: nn.Module
 
 
 def stage_variables(stage: Stage, params: PyTree, batch_stats: PyTree) -> dict:
-    """The variable dict ``{'params', 'batch_stats'?}`` of one stage."""
-    variables = {"params": params[stage.name]}
+    """The variable dict ``{'params', 'batch_stats'?}`` of one stage (params {} if it has none)."""
+    variables = {"params": params.get(stage.name, {})}
     if batch_stats and stage.name in batch_stats:
         variables["batch_stats"] = batch_stats[stage.name]
     return variables
