@@ -5,7 +5,7 @@ from the flags (preset values fill in flags not given explicitly); the library
 sees typed arguments only.
 """
 
-import json
+import contextlib
 import os
 import pathlib
 import platform
@@ -342,14 +342,15 @@ def existing_result(cfg: dict) -> dict | None:
 
 
 def _public(cfg: dict) -> dict:
-    return json.loads(json.dumps({k: v for k, v in cfg.items() if k != "overwrite"}, default=str))
+    """The config as recorded and compared: everything but the --overwrite permission."""
+    return {k: v for k, v in cfg.items() if k != "overwrite"}
 
 
 def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             precomputed=None) -> dict:  # fmt: skip
     """Runs the unlearning config from the base model and writes result.json atomically."""
     start = time.perf_counter()
-    forget_train, retain_train = data.forget_retain(train_split, cfg["forget_class"])
+    _, retain_train = data.forget_retain(train_split, cfg["forget_class"])
     sample = importance_sample(cfg, train_split)
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune", 30.0)}
@@ -411,23 +412,23 @@ def prepare_base(cfg: dict):
     return train_split, test_split, model, params, batch_stats, base
 
 
-def usage_errors(fn):
-    """Turns a bad-setting ValueError/FileExistsError into absl's usage error (no traceback)."""
+@contextlib.contextmanager
+def bad_input():
+    """Reports a bad setting (ValueError/FileExistsError) as absl's usage error, no traceback.
 
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileExistsError) as e:
-            raise app.UsageError(str(e)) from None
+    Wrap only flag parsing and validation: errors from the work itself keep their traceback.
+    """
+    try:
+        yield
+    except (ValueError, FileExistsError) as e:
+        raise app.UsageError(str(e)) from None
 
-    return wrapped
 
-
-@usage_errors
 def main_single(dataset: str) -> None:
     """Body of mnist_lenet / cifar_ship: one run, then a one-screen summary."""
-    cfg = config_from_flags(dataset)
-    done = existing_result(cfg)
+    with bad_input():
+        cfg = config_from_flags(dataset)
+        done = existing_result(cfg)
     if done is not None:
         logging.info("Result exists for this config: %s", run_dir(cfg) / "result.json")
         print(report.print_summary(done))

@@ -79,29 +79,41 @@ def shares_importance(row_cfg: dict, cfg: dict) -> bool:
     )
 
 
-def run_table(name: str) -> dict:
+def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int]]:
+    """The table's config, every row's config and the seeds, all validated up front."""
     spec_t = TABLES[name]
-    table_dir = pathlib.Path(FLAGS.workdir) / name
-    base_cfg = common.config_from_flags(spec_t["dataset"], spec_t["defaults"])
-    if base_cfg["row"] is not None:
+    cfg = common.config_from_flags(spec_t["dataset"], spec_t["defaults"])
+    if cfg["row"] is not None:
         raise ValueError("--preset does not apply to reproduce; use --rows")
+    cfg["workdir"] = str(pathlib.Path(FLAGS.workdir) / name)
     rows = FLAGS.rows.split(",") if FLAGS.rows else list(presets.TABLES[name])
     for row in rows:
         if row not in presets.TABLES[name]:
             raise ValueError(f"--rows: {row!r} is not in table {name} ({presets.TABLES[name]})")
-    seeds = [int(s) for s in FLAGS.seeds.split(",")]
-    explicit = FLAGS["top_k"].present or FLAGS["dt"].present
+    try:
+        seeds = [int(s) for s in FLAGS.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
+    return cfg, {row: row_config(cfg, row, seeds[0]) for row in rows}, seeds
+
+
+def row_config(cfg: dict, row: str, seed: int) -> dict:
+    return common.validate_config(
+        {**common.apply_preset(cfg, row), "seed": seed, "row": row, "run_name": f"{row}-seed{seed}"}
+    )
+
+
+def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int]) -> dict:
+    spec_t = TABLES[name]
+    table_dir = pathlib.Path(cfg["workdir"])
+    sweep_allowed = FLAGS.sweep and not (FLAGS["top_k"].present or FLAGS["dt"].present)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     sweeps = {}
     for seed in seeds:
-        cfg = {**base_cfg, "seed": seed, "workdir": str(table_dir)}
+        cfg = {**cfg, "seed": seed}
         train_split, test_split, model, params, bs, base = common.prepare_base(cfg)
-        imp, spec, sweep = None, None, None
-        needs_imp = any(
-            shares_importance(common.validate_config(common.apply_preset(cfg, r)), cfg)
-            for r in rows
-        )
-        if needs_imp:
+        imp = None
+        if any(shares_importance(row_config(cfg, r, seed), cfg) for r in rows):
             spec = units.enumerate_units(params, cfg["granularity"], cfg["include"],
                                          cfg["exclude"], cfg["include_bn"])  # fmt: skip
             sample = common.importance_sample(cfg, train_split)
@@ -111,7 +123,7 @@ def run_table(name: str) -> dict:
                 sample.labels, spec, unit_chunk=cfg["unit_chunk"],
                 sample_batch=cfg["sample_batch"], progress=common.Progress("importance"),
             )  # fmt: skip
-            if FLAGS.sweep and not explicit:
+            if sweep_allowed:
                 sweep = sweep_hparams(cfg, model, params, bs, train_split, imp, spec,
                                       spec_t["grid"], spec_t["sweep_row"])  # fmt: skip
                 cfg.update(sweep["chosen"])
@@ -123,9 +135,7 @@ def run_table(name: str) -> dict:
             plot_path = table_dir / f"importance-seed{seed}.png"
             report.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
         for row in rows:
-            row_cfg = common.validate_config(
-                {**common.apply_preset(cfg, row), "row": row, "run_name": f"{row}-seed{seed}"}
-            )
+            row_cfg = row_config(cfg, row, seed)
             result = common.existing_result(row_cfg)
             if result is None:
                 logging.info("Row %s seed %d", row, seed)
@@ -157,14 +167,15 @@ def write_summary(name: str, table_dir: pathlib.Path, per_row: dict) -> None:
     report.plot_bars(results, table_dir / "bars.png")
 
 
-@common.usage_errors
 def main(argv):
     del argv
     start = time.perf_counter()
     names = ["lenet", "cifar"] if FLAGS.table == "all" else [FLAGS.table]
-    for name in names:
-        run_table(name)
-        print((pathlib.Path(FLAGS.workdir) / name / "summary.md").read_text())
+    with common.bad_input():  # every table's settings are checked before any training
+        tables = {name: table_configs(name) for name in names}
+    for name, (cfg, row_cfgs, seeds) in tables.items():
+        run_table(name, cfg, list(row_cfgs), seeds)
+        print((pathlib.Path(cfg["workdir"]) / "summary.md").read_text())
     logging.info("reproduce done in %.1f s on %s", time.perf_counter() - start, jax.devices()[0])
 
 

@@ -18,11 +18,11 @@ flags.DEFINE_enum("dataset", "mnist", list(data.DATASETS), "Dataset to train on.
 FLAGS = flags.FLAGS
 
 
-@common.usage_errors
 def main(argv):
     del argv
     defaults = mnist_lenet.DEFAULTS if FLAGS.dataset == "mnist" else cifar_ship.DEFAULTS
-    cfg = common.config_from_flags(FLAGS.dataset, defaults)
+    with common.bad_input():
+        cfg = common.config_from_flags(FLAGS.dataset, defaults)
     _, _, _, _, _, base = common.prepare_base(cfg)
     names = data.class_names(cfg["dataset"])
     print(f"base model: {base['checkpoint']}")

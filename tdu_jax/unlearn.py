@@ -166,10 +166,10 @@ def unlearn(
         history.append(record)
         emit("step", record)
 
-    def select() -> tuple[np.ndarray, importance.Importance | None]:
+    def select(reuse: bool) -> tuple[np.ndarray, importance.Importance | None]:
         if config.selection == "random":
             return decay.select_random_k(select_key, spec.num_units, config.top_k), None
-        if precomputed is not None and not history[1:]:
+        if reuse and precomputed is not None:
             if precomputed.units.size != spec.num_units:
                 raise ValueError("precomputed importance does not cover every unit of params")
             return decay.select_top_k(precomputed, config.top_k), precomputed
@@ -215,10 +215,10 @@ def unlearn(
     evaluate(0)
     selected, imp = np.zeros(0, np.int64), None
     if config.decay_steps > 0:
-        selected, imp = select()
+        selected, imp = select(reuse=True)
     for step in range(1, config.decay_steps + 1):
         if config.reestimate and step > 1 and config.selection == "topk":
-            selected, imp = select()
+            selected, imp = select(reuse=False)  # params have decayed since
         start = time.perf_counter()
         mask = units.unit_mask(params, spec, selected)
         params = decay.decay_step(params, mask, config.lam, config.dt)
