@@ -1,0 +1,153 @@
+"""Our method and the gold standard on the shared signature: `decay` and `retrain`.
+
+`decay` wraps `unlearn.unlearn` (importance -> top-K -> decay steps -> optional retain
+fine-tuning, in any of its fine-tune modes); `retrain` wraps `unlearn.retrain_from_scratch`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from tdu_jax import data, train, unlearn
+from tdu_jax.methods import base
+from tdu_jax.methods.base import MethodData, MethodResult, PyTree
+
+# LeNet/MNIST base training (BUILD_NOTES): AdamW lr 2e-3, cosine, no weight decay.
+LENET_TRAIN_OPTIMIZER = train.OptimizerConfig(
+    name="adam", learning_rate=2e-3, weight_decay=0.0, schedule="cosine"
+)
+
+
+class DecayConfig(NamedTuple):
+    """decay settings.
+
+    Attributes:
+      unlearn: the pipeline's settings (granularity, K, lambda, dt, steps, fine-tune mode and
+        batches...); per-step evaluation is off, since the method reports no test metrics.
+      importance_fraction: share of the forget train set used as the importance sample, in
+        (0, 1] (a seeded random subset drawn from the method's key when < 1).
+    """
+
+    unlearn: unlearn.UnlearnConfig = unlearn.UnlearnConfig(evaluate_each_step=False)
+    importance_fraction: float = 1.0
+
+
+class RetrainConfig(NamedTuple):
+    """retrain settings: training from a fresh initialisation on the retain set only.
+
+    Defaults are the project's LeNet/MNIST base training (8 epochs, batch 128).
+    """
+
+    optimizer: train.OptimizerConfig = LENET_TRAIN_OPTIMIZER
+    epochs: int = 8
+    batch_size: int = 128
+    augment: bool = False
+
+
+def decay(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    data_in: MethodData,
+    key: jax.Array,
+    config: DecayConfig,
+    *,
+    dataset: str,
+) -> MethodResult:
+    """Time-inspired decay of the units most important to the forget classes (ours).
+
+    Returns:
+      MethodResult; info adds `decayed_units` (K), `num_units`, `importance_sample` (size),
+      `finetune` (mode) and `timings` (seconds per phase).
+    """
+    base.check_data(data_in)
+    if not 0.0 < config.importance_fraction <= 1.0:
+        raise ValueError(
+            f"importance_fraction must be in (0, 1]; got {config.importance_fraction}."
+        )
+    timer = base.Timer()
+    sample_key, run_key = jax.random.split(key)
+    sample = data_in.forget_train
+    if config.importance_fraction < 1.0:
+        seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
+        sample = data.random_fraction(sample, config.importance_fraction, seed)
+    unlearn_data = unlearn.UnlearnData(
+        importance_sample=sample,
+        retain_train=data_in.retain_train,
+        test=base.empty_split(data_in.retain_train),
+        forget_classes=tuple(data_in.forget_classes),
+    )
+    result = unlearn.unlearn(
+        model,
+        params,
+        batch_stats,
+        dataset=dataset,
+        data_in=unlearn_data,
+        config=config.unlearn,
+        key=run_key,
+    )
+    info = {
+        "gradient_steps": result.finetune_batches,
+        "retain_batches": result.finetune_batches,
+        "decayed_units": int(np.size(result.selected)),
+        "num_units": result.spec.num_units,
+        "importance_sample": sample.size,
+        "finetune": config.unlearn.finetune,
+        "timings": dict(result.timings),
+        "seconds": timer.seconds(),
+    }
+    return MethodResult(result.params, result.batch_stats, info)
+
+
+def retrain(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    data_in: MethodData,
+    key: jax.Array,
+    config: RetrainConfig,
+    *,
+    dataset: str,
+) -> MethodResult:
+    """The gold standard: a fresh model trained on the retain set only.
+
+    `params` and `batch_stats` are ignored (a new initialisation comes from `key`); the forget
+    set is never read. Raises ValueError if the retain set holds a forget-class example.
+
+    Returns:
+      MethodResult; info adds `epochs` and `loss` (mean CE of the last epoch, nats).
+    """
+    del params, batch_stats  # the gold standard starts from scratch
+    base.check_data(data_in)
+    retain = data_in.retain_train
+    leaked = np.isin(retain.labels, np.asarray(data_in.forget_classes))
+    if leaked.any():
+        raise ValueError(
+            f"retain_train holds {int(leaked.sum())} examples of the forget classes "
+            f"{data_in.forget_classes}; retrain must never see them."
+        )
+    timer = base.Timer()
+    batch_size = base.effective_batch(config.batch_size, retain.size)
+    new_params, new_stats, history = unlearn.retrain_from_scratch(
+        model,
+        retain,
+        dataset=dataset,
+        config=config.optimizer,
+        epochs=config.epochs,
+        batch_size=batch_size,
+        key=key,
+        augment=config.augment,
+    )
+    steps = config.epochs * (retain.size // batch_size)
+    info = {
+        "gradient_steps": steps,
+        "retain_batches": steps,
+        "epochs": config.epochs,
+        "loss": history[-1]["loss"] if history else float("nan"),
+        "seconds": timer.seconds(),
+    }
+    return MethodResult(new_params, new_stats, info)
