@@ -1,3 +1,76 @@
-"""tdu_jax: machine unlearning by time-inspired decay, in JAX/Flax."""
+"""tdu_jax: machine unlearning by time-inspired decay, in JAX/Flax.
+
+The public API for any JAX model: wrap it (``from_linen``, ``from_nnx``, ``from_function``),
+then units -> importance -> selection -> decay -> unlearning::
+
+    import tdu_jax as tdu
+
+    model, params, state = tdu.from_linen(cnn, variables)   # any call signature
+    spec = tdu.enumerate_units(params, "filter", bn_pairs=tdu.linen_bn_pairs(model, params,
+                                                                             state, images))
+    imp = tdu.ablation_importance(model, params, state, images, labels, spec)
+    top = tdu.select_top_k(imp, 10)
+    params = tdu.apply_decay(params, tdu.unit_mask(params, spec, top), lam=0.1, dt=1.0, steps=7)
+
+``apply_decay`` is ``decay.decay`` and ``run_unlearning`` is ``unlearn.unlearn``: the
+submodules ``tdu_jax.decay`` and ``tdu_jax.unlearn`` keep their names.
+"""
+
+from tdu_jax.adapters import (
+    FunctionModel,
+    LinenModel,
+    Model,
+    NNXModel,
+    as_model,
+    from_function,
+    from_linen,
+    from_nnx,
+    linen_bn_pairs,
+    preprocess_fn,
+)
+from tdu_jax.data import Split
+from tdu_jax.decay import decay as apply_decay
+from tdu_jax.decay import decay_step, rank_units, select_random_k, select_top_k
+from tdu_jax.importance import Importance, ablation_importance, naive_importance
+from tdu_jax.metrics import evaluate, predict
+from tdu_jax.train import OptimizerConfig, fine_tune
+from tdu_jax.units import UnitSpec, ablate, enumerate_units, unit_mask, unit_name
+from tdu_jax.unlearn import UnlearnConfig, UnlearnData, UnlearnResult
+from tdu_jax.unlearn import unlearn as run_unlearning
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FunctionModel",
+    "Importance",
+    "LinenModel",
+    "Model",
+    "NNXModel",
+    "OptimizerConfig",
+    "Split",
+    "UnitSpec",
+    "UnlearnConfig",
+    "UnlearnData",
+    "UnlearnResult",
+    "ablate",
+    "ablation_importance",
+    "apply_decay",
+    "as_model",
+    "decay_step",
+    "enumerate_units",
+    "evaluate",
+    "fine_tune",
+    "from_function",
+    "from_linen",
+    "from_nnx",
+    "linen_bn_pairs",
+    "naive_importance",
+    "predict",
+    "preprocess_fn",
+    "rank_units",
+    "run_unlearning",
+    "select_random_k",
+    "select_top_k",
+    "unit_mask",
+    "unit_name",
+]

@@ -57,19 +57,30 @@ def select_random_k(key: jax.Array, num_units: int, k: int | float) -> np.ndarra
     return np.sort(np.asarray(jax.random.choice(key, num_units, (count,), replace=False)))
 
 
+def _traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
 def check_decay_args(lam: float, dt: float, steps: int = 0) -> None:
-    """ValueError naming ``lambda``, ``dt`` or ``decay_steps`` when out of range."""
-    if not math.isfinite(lam) or lam < 0:
+    """ValueError naming ``lambda``, ``dt`` or ``decay_steps`` when out of range.
+
+    Traced values (under ``jax.jit``) cannot be checked and are let through.
+    """
+    if not _traced(lam) and (not math.isfinite(lam) or lam < 0):
         raise ValueError(f"lambda must be finite and >= 0; got {lam}")
-    if not math.isfinite(dt) or dt <= 0:
+    if not _traced(dt) and (not math.isfinite(dt) or dt <= 0):
         raise ValueError(f"dt must be finite and > 0; got {dt}")
+    if _traced(steps):
+        return
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0:
         raise ValueError(f"decay_steps must be an integer >= 0; got {steps!r}")
 
 
-def decay_factor(lam: float, dt: float) -> float:
-    """``exp(-lambda * dt)``: the factor one decay step applies."""
+def decay_factor(lam: float | jax.Array, dt: float | jax.Array) -> float | jax.Array:
+    """``exp(-lambda * dt)``: the factor one decay step applies (a float32 array if traced)."""
     check_decay_args(lam, dt)
+    if _traced(lam) or _traced(dt):
+        return jnp.exp(-jnp.asarray(lam, jnp.float32) * jnp.asarray(dt, jnp.float32))
     return math.exp(-lam * dt)
 
 
@@ -91,12 +102,21 @@ def decay_step(params: PyTree, mask: PyTree, lam: float, dt: float) -> PyTree:
       The decayed params tree.
     """
     check_mask_structure(params, mask)
-    return _decay_step(params, mask, jnp.float32(decay_factor(lam, dt)))
+    return _decay_step(params, mask, jnp.asarray(decay_factor(lam, dt), jnp.float32))
 
 
 def decay(params: PyTree, mask: PyTree, lam: float, dt: float, steps: int) -> PyTree:
-    """``steps`` decay steps in a row (the T-step schedule without fine-tuning)."""
+    """``steps`` decay steps in a row (the T-step schedule without fine-tuning).
+
+    Works under ``jax.jit`` with traced ``lam``, ``dt``, ``mask`` and ``steps`` (a traced
+    ``steps`` runs a ``fori_loop``; a Python int unrolls, one step at a time as
+    ``decay_step``, so results are bit-identical either way).
+    """
     check_decay_args(lam, dt, steps)
+    if _traced(steps):
+        check_mask_structure(params, mask)
+        factor = jnp.asarray(decay_factor(lam, dt), jnp.float32)
+        return jax.lax.fori_loop(0, steps, lambda _, p: _decay_step(p, mask, factor), params)
     for _ in range(steps):
         params = decay_step(params, mask, lam, dt)
     return params

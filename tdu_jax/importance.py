@@ -16,10 +16,13 @@ BatchNorm in inference mode. Three exact strategies, chosen per layer:
 * ``copy`` (any other unit): the stage's parameters are copied with the unit zeroed
   and the stage plus the rest of the model is recomputed.
 
-Stages come from ``model.stages()`` (see ``tdu_jax.models.stages``); a model
-without it is one stage, so any Flax module works (the generic path). Work runs in
-jitted chunks of ``unit_chunk`` units x ``sample_batch`` images, compiled once per
-layer. ``naive_importance`` is the obvious loop kept as the reference.
+Stages come from ``model.stages()`` (see ``tdu_jax.models.stages``); any other model
+is one stage (the generic path): a Linen module with any call signature, or any
+adapter from ``tdu_jax.adapters`` (NNX, plain functions), whose filter units are then
+scored by ``copy`` (zeroing the filter and its paired BatchNorm channel). Work runs in
+jitted chunks of ``unit_chunk`` units x ``sample_batch`` images. The jitted functions
+are cached per (model, layer, loss), so a second call with the same shapes traces
+nothing. ``naive_importance`` is the obvious loop kept as the reference.
 
 Example (fast path for a staged model; the generic path for any Flax module)::
 
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tdu_jax import adapters
 from tdu_jax import units as units_lib
 from tdu_jax.models import layers as chain
 from tdu_jax.models.stages import Stage, stage_variables
@@ -60,11 +64,32 @@ class Importance(NamedTuple):
     seconds: float
 
 
-def _pieces(model: nn.Module) -> tuple[Stage, ...]:
-    """The model's stages; a model without ``stages()`` is one stage named None."""
-    if hasattr(model, "stages"):
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_BxC, labels_B) -> loss_B
+
+
+def _as_staged(model: Any, batch_stats: PyTree) -> tuple[Any, PyTree]:
+    """A Linen adapter of a staged model back to (module, batch_stats) for the fast path."""
+    if (
+        isinstance(model, adapters.LinenModel)
+        and hasattr(model.module, "stages")
+        and dict(model.eval_kwargs) == {"train": False}
+    ):
+        if model.state_key == "batch_stats":
+            return model.module, batch_stats
+        if model.state_key is None and set(batch_stats or {}) <= {"batch_stats"}:
+            return model.module, (batch_stats or {}).get("batch_stats", {})
+    return model, batch_stats
+
+
+def _pieces(model: Any) -> tuple[Stage, ...]:
+    """The model's stages; any other model is one stage named None holding its adapter."""
+    if isinstance(model, nn.Module) and hasattr(model, "stages"):
         return tuple(model.stages())
-    return (Stage(None, model),)
+    return (Stage(None, adapters.as_model(model)),)
+
+
+def _is_linen(module: Any) -> bool:
+    return isinstance(module, nn.Module | adapters.LinenModel)
 
 
 def _sub(tree: PyTree, name: str | None) -> PyTree:
@@ -74,11 +99,9 @@ def _sub(tree: PyTree, name: str | None) -> PyTree:
 
 
 def _apply_piece(piece: Stage, params, batch_stats, x):
-    if piece.name is None:  # the whole model
-        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    else:
-        variables = stage_variables(piece, params, batch_stats)
-    return piece.module.apply(variables, x, train=False)
+    if piece.name is None:  # the whole model, through its adapter
+        return piece.module.apply(params, batch_stats, x)
+    return piece.module.apply(stage_variables(piece, params, batch_stats), x, train=False)
 
 
 def _apply_from(pieces, params, batch_stats, x, start: int):
@@ -87,11 +110,16 @@ def _apply_from(pieces, params, batch_stats, x, start: int):
     return x
 
 
-def _scores(logits_BxC, labels_B, valid_B):
-    """(correct count, summed cross-entropy) over valid examples."""
+def cross_entropy_loss(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy in nats (the default loss), float32 (B,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), labels_B)
+
+
+def _scores(logits_BxC, labels_B, valid_B, loss_fn: LossFn | None = None):
+    """(correct count, summed loss) over valid examples."""
     correct = jnp.sum((jnp.argmax(logits_BxC, -1) == labels_B) * valid_B)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), labels_B)
-    return correct, jnp.sum(ce * valid_B)
+    loss = (loss_fn or cross_entropy_loss)(logits_BxC, labels_B).astype(jnp.float32)
+    return correct, jnp.sum(loss * valid_B)
 
 
 # ---------------------------------------------------------------- strategies
@@ -112,21 +140,48 @@ def _mask_logits(pieces, s, target, channels, params, batch_stats, x, channel):
     return _apply_from(pieces, params, batch_stats, y, s + 1)
 
 
-def _copy_logits(pieces, s, rel_path, params, batch_stats, x, local):
-    """Logits with weight unit ``local`` of the layer at ``rel_path`` (in piece s) zeroed."""
-    name = pieces[s].name
-    sub = jax.tree.map(lambda a: a, _sub(params, name))  # shallow copy of the dict tree
-    layer = units_lib.get_path(sub, rel_path) if rel_path else sub
+def _replace(tree: PyTree, path: Sequence[Any], fn: Callable) -> PyTree:
+    """``tree`` with the node at ``path`` replaced by ``fn(node)`` (copies along the path)."""
+    if not path:
+        return fn(tree)
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], fn)}
+
+
+def _zero_weight(layer: dict, local) -> dict:
     kernel = layer["kernel"]
     size = kernel.size
-    layer["kernel"] = (
+    out = dict(layer)
+    out["kernel"] = (
         kernel.reshape(-1).at[jnp.where(local < size, local, size)].set(0, mode="drop")
     ).reshape(kernel.shape)
     if "bias" in layer:
         bias = layer["bias"]
-        layer["bias"] = bias.at[jnp.where(local >= size, local - size, bias.size)].set(
-            0, mode="drop"
-        )
+        out["bias"] = bias.at[jnp.where(local >= size, local - size, bias.size)].set(0, mode="drop")
+    return out
+
+
+def _zero_channel(names: tuple[str, ...], layer: dict, channel) -> dict:
+    out = dict(layer)
+    for name in names:
+        if name in layer:
+            out[name] = layer[name].at[..., channel].set(0)
+    return out
+
+
+def _copy_logits(pieces, s, rel_path, bn_rel_path, granularity, params, batch_stats, x, local):
+    """Logits with unit ``local`` of the layer at ``rel_path`` (in piece s) zeroed.
+
+    Weight units zero one kernel or bias entry; filter units zero ``kernel[..., c]``,
+    ``bias[c]`` and, with ``bn_rel_path``, that BatchNorm's ``scale[c]`` and ``bias[c]``.
+    """
+    name = pieces[s].name
+    sub = _sub(params, name)
+    if granularity == "filter":
+        sub = _replace(sub, rel_path, lambda layer: _zero_channel(("kernel", "bias"), layer, local))
+        if bn_rel_path is not None:
+            sub = _replace(sub, bn_rel_path, lambda bn: _zero_channel(("scale", "bias"), bn, local))
+    else:
+        sub = _replace(sub, rel_path, lambda layer: _zero_weight(layer, local))
     full = sub if name is None else {**params, name: sub}
     return _apply_from(pieces, full, batch_stats, x, s)
 
@@ -224,13 +279,18 @@ def _can_delta(pieces, s, rel_path) -> bool:
     return s + 1 == len(pieces) or chain.is_chain_stage(pieces[s + 1].module)
 
 
-def layer_strategy(model: nn.Module, spec: units_lib.UnitSpec, layer: units_lib.Layer) -> str:
+def _strategy(pieces, s, granularity, rel_path) -> str:
+    if granularity == "filter":
+        return "mask" if _is_linen(pieces[s].module) else "copy"
+    return "delta" if _can_delta(pieces, s, rel_path) else "copy"
+
+
+def layer_strategy(model: Any, spec: units_lib.UnitSpec, layer: units_lib.Layer) -> str:
     """The strategy (``delta``, ``mask`` or ``copy``) used for ``layer``'s units."""
+    model, _ = _as_staged(model, {})
     pieces = _pieces(model)
     s, rel = _locate_piece(pieces, layer.path)
-    if spec.granularity == "filter":
-        return "mask"
-    return "delta" if _can_delta(pieces, s, rel) else "copy"
+    return _strategy(pieces, s, spec.granularity, rel)
 
 
 def _locate_piece(pieces, path) -> tuple[int, tuple[str, ...]]:
@@ -243,19 +303,25 @@ def _locate_piece(pieces, path) -> tuple[int, tuple[str, ...]]:
 
 
 # ---------------------------------------------------------------- the engine
-def _make_chunk_fn(pieces, s, spec, layer, rel_path):
-    """Jitted fn(params, batch_stats, x_s, labels, valid, locals_U) -> (correct_U, ce_U)."""
-    strategy = (
-        "mask"
-        if spec.granularity == "filter"
-        else ("delta" if _can_delta(pieces, s, rel_path) else "copy")
-    )
+@functools.cache
+def _make_chunk_fn(pieces, s, granularity, layer, rel_path, loss_fn):
+    """Jitted fn(params, batch_stats, x_s, labels, valid, locals_U) -> (correct_U, loss_U).
+
+    Cached per (model stages, layer, loss): a second call with equal arguments reuses the
+    jitted function, which traces once per input shape.
+    """
+    strategy = _strategy(pieces, s, granularity, rel_path)
     if strategy == "mask":
         target = layer.bn_path if layer.bn_path is not None else layer.path
         _, target_rel = _locate_piece(pieces, target)
         one = functools.partial(_mask_logits, pieces, s, target_rel, layer.out_channels)
     elif strategy == "copy":
-        one = functools.partial(_copy_logits, pieces, s, rel_path)
+        bn_rel = None
+        if granularity == "filter" and layer.bn_path is not None:
+            bn_s, bn_rel = _locate_piece(pieces, layer.bn_path)
+            if bn_s != s:
+                raise ValueError(f"{layer.name} and its BatchNorm lie in different stages")
+        one = functools.partial(_copy_logits, pieces, s, rel_path, bn_rel, granularity)
 
     def chunk(params, batch_stats, x, labels, valid, locals_U):
         if strategy == "delta":
@@ -265,9 +331,21 @@ def _make_chunk_fn(pieces, s, spec, layer, rel_path):
             )
         else:
             logits = jax.vmap(lambda u: one(params, batch_stats, x, u))(locals_U)
-        return jax.vmap(lambda lg: _scores(lg, labels, valid))(logits)
+        return jax.vmap(lambda lg: _scores(lg, labels, valid, loss_fn))(logits)
 
     return jax.jit(chunk), strategy
+
+
+@functools.cache
+def _forward_fn(pieces, start: int, stop: int | None) -> Callable:
+    """Jitted fn(params, batch_stats, x) applying ``pieces[start:stop]`` (cached)."""
+    return jax.jit(lambda p, bs, x: _apply_from(pieces[:stop], p, bs, x, start))
+
+
+@functools.cache
+def _base_scores_fn(pieces, loss_fn) -> Callable:
+    """Jitted fn(params, batch_stats, x, labels, valid) -> (correct, loss sum) (cached)."""
+    return jax.jit(lambda p, bs, x, y, v: _scores(_apply_from(pieces, p, bs, x, 0), y, v, loss_fn))
 
 
 def _check_sample(images, labels):
@@ -296,7 +374,7 @@ def _batches(images, labels, batch):
 
 
 def ablation_importance(
-    model: nn.Module,
+    model: Any,
     params: PyTree,
     batch_stats: PyTree,
     images: jax.Array,
@@ -307,20 +385,25 @@ def ablation_importance(
     unit_chunk: int = 256,
     sample_batch: int = 1024,
     progress: Progress | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Importance:
     """Exact ablation importance of units on an importance sample.
 
     Args:
-      model: a Flax module; with ``stages()`` the staged fast path is used.
-      params: the model's params (the tree ``spec`` was built from).
-      batch_stats: BatchNorm running statistics ({} if none).
-      images: float32 ``N x H x W x C``, already normalised (the importance sample).
+      model: a Linen module (with ``stages()`` the staged fast path is used; any call
+        signature otherwise) or an adapter (``tdu_jax.from_linen/from_nnx/from_function``).
+      params: the model's params (the tree ``spec`` was built from; dict or FrozenDict).
+      batch_stats: the model's state: BatchNorm running statistics for a bare Linen
+        module ({} if none), the adapter's ``state`` otherwise.
+      images: ``N x ...`` model inputs, already preprocessed (the importance sample).
       labels: int ``N``.
       spec: unit numbering from ``units.enumerate_units``.
       units: global unit indices to score (default: all, in order).
       unit_chunk: units per jitted call (bounds memory together with ``sample_batch``).
       sample_batch: images per jitted call.
       progress: optional ``progress(done, total, seconds)`` called after each chunk.
+      loss_fn: per-example ``loss_fn(logits_BxC, labels_B) -> (B,)`` behind
+        ``loss_increase`` (default: softmax cross-entropy); hashable (a function).
 
     Returns:
       ``Importance`` aligned with ``units``.
@@ -331,6 +414,8 @@ def ablation_importance(
             f"unit_chunk and sample_batch must be >= 1; got {unit_chunk}, {sample_batch}"
         )
     start_time = time.perf_counter()
+    params, batch_stats = adapters.to_dict(params), adapters.to_dict(batch_stats)
+    model, batch_stats = _as_staged(model, batch_stats)
     pieces = _pieces(model)
     wanted = np.arange(spec.num_units) if units is None else np.asarray(units, np.int64)
     layer_pos, local = units_lib.locate(spec, wanted)
@@ -338,10 +423,10 @@ def ablation_importance(
     batch = min(sample_batch, n)
     batches = list(_batches(images, labels, batch))
 
-    full = jax.jit(lambda p, bs, x: _apply_from(pieces, p, bs, x, 0))
+    base = _base_scores_fn(pieces, loss_fn)
     base_correct, base_ce = 0.0, 0.0
     for x, y, v in batches:
-        c, ce = _scores(full(params, batch_stats, x), y, v)
+        c, ce = base(params, batch_stats, x, y, v)
         base_correct, base_ce = base_correct + float(c), base_ce + float(ce)
 
     correct = np.zeros(wanted.size)
@@ -352,13 +437,12 @@ def ablation_importance(
         s, _ = _locate_piece(pieces, spec.layers[int(pos)].path)
         by_piece.setdefault(s, []).append(int(pos))
     for s in sorted(by_piece):
-        prefix = jax.jit(lambda p, bs, x, s=s: _apply_from(pieces[:s], p, bs, x, 0))
+        prefix = _forward_fn(pieces, 0, s)
         fns = {}
         for pos in by_piece[s]:
             layer = spec.layers[pos]
-            fns[pos] = _make_chunk_fn(pieces, s, spec, layer, _locate_piece(pieces, layer.path)[1])[
-                0
-            ]
+            rel = _locate_piece(pieces, layer.path)[1]
+            fns[pos] = _make_chunk_fn(pieces, s, spec.granularity, layer, rel, loss_fn)[0]
         for b, (x, y, v) in enumerate(batches):
             x_s = prefix(params, batch_stats, x) if s > 0 else x
             for pos in by_piece[s]:
@@ -387,13 +471,14 @@ def ablation_importance(
 
 
 def naive_importance(
-    model: nn.Module,
+    model: Any,
     params: PyTree,
     batch_stats: PyTree,
     images: jax.Array,
     labels: jax.Array,
     spec: units_lib.UnitSpec,
     units: Sequence[int] | np.ndarray | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Importance:
     """Reference: for each unit, copy params, zero the unit, run the whole model.
 
@@ -407,10 +492,11 @@ def naive_importance(
     labels = jnp.asarray(labels, jnp.int32)
     valid = jnp.ones(labels.shape[0], jnp.float32)
 
+    model = adapters.as_model(model)
+
     @jax.jit
     def evaluate(p):
-        variables = {"params": p, "batch_stats": batch_stats} if batch_stats else {"params": p}
-        return _scores(model.apply(variables, images, train=False), labels, valid)
+        return _scores(model.apply(p, batch_stats, images), labels, valid, loss_fn)
 
     base_correct, base_ce = (float(a) for a in evaluate(params))
     correct, ce = np.zeros(wanted.size), np.zeros(wanted.size)

@@ -1,6 +1,8 @@
 """Evaluation: batched inference, accuracies by split and class, membership inference.
 
-Inference always runs in evaluation mode (`train=False`: BatchNorm uses running statistics).
+Inference always runs in evaluation mode (BatchNorm uses running statistics). Models are Linen
+modules (any call signature) or adapters (`tdu_jax.adapters`); images are uint8 normalised for
+`dataset`, or anything a `preprocess` function (or nothing, for float inputs) turns into inputs.
 Accuracies are percentages in [0, 100]; an accuracy over no examples is nan.
 """
 
@@ -15,18 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdu_jax import data
+from tdu_jax import adapters, data
 
 PyTree = Any
 
 
+def _fn(model: Any, dataset: str | None, preprocess: Callable | None, output: str) -> Callable:
+    return _eval_fn(model, adapters.preprocess_fn(dataset, preprocess), output)
+
+
 @functools.cache
-def _eval_fn(model: nn.Module, dataset: str, output: str) -> Callable:
-    """Jitted fn(params, batch_stats, images_uint8_BxHxWxC[, labels_B]) for one model/output."""
+def _eval_fn(model: Any, preprocess: Callable, output: str) -> Callable:
+    """Jitted fn(params, batch_stats, images_BxHxWxC[, labels_B]) for one model/output."""
+    adapted = adapters.as_model(model)
 
     def forward(params, batch_stats, images):
-        variables = {"params": params, "batch_stats": batch_stats}
-        return model.apply(variables, data.to_float(images, dataset), train=False)
+        return adapted.apply(params, batch_stats, preprocess(images))
 
     if output == "logits":
         fn = lambda p, bs, x: forward(p, bs, x).astype(jnp.float32)
@@ -68,8 +74,9 @@ def logits(
     batch_stats: PyTree,
     images_uint8: np.ndarray,
     *,
-    dataset: str,
+    dataset: str | None = None,
     batch_size: int = 1000,
+    preprocess: Callable | None = None,
 ) -> np.ndarray:
     """Model outputs in evaluation mode.
 
@@ -78,15 +85,14 @@ def logits(
       params: parameters.
       batch_stats: BatchNorm statistics, or {}.
       images_uint8: uint8 (N, H, W, C) images.
-      dataset: dataset name (normalisation).
+      dataset: dataset name (normalisation of uint8 images), or None.
       batch_size: inference batch size.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       float32 (N, C) logits.
     """
-    fn = functools.partial(
-        _eval_fn(model, data.check_dataset(dataset), "logits"), params, batch_stats
-    )
+    fn = functools.partial(_fn(model, dataset, preprocess, "logits"), params, batch_stats)
     return _batched(fn, [images_uint8], batch_size)
 
 
@@ -96,8 +102,9 @@ def predict(
     batch_stats: PyTree,
     images_uint8: np.ndarray,
     *,
-    dataset: str,
+    dataset: str | None = None,
     batch_size: int = 1000,
+    preprocess: Callable | None = None,
 ) -> np.ndarray:
     """Predicted classes (argmax of the logits) in evaluation mode.
 
@@ -106,14 +113,15 @@ def predict(
       params: parameters.
       batch_stats: BatchNorm statistics, or {}.
       images_uint8: uint8 (N, H, W, C) images.
-      dataset: dataset name (normalisation).
+      dataset: dataset name (normalisation of uint8 images), or None.
       batch_size: inference batch size; the last batch is padded, so each (model, batch size)
         traces once.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       int32 (N,) predicted labels.
     """
-    fn = _eval_fn(model, data.check_dataset(dataset), "predictions")
+    fn = _fn(model, dataset, preprocess, "predictions")
     return _batched(functools.partial(fn, params, batch_stats), [images_uint8], batch_size)
 
 
@@ -123,8 +131,9 @@ def example_losses(
     batch_stats: PyTree,
     split: data.Split,
     *,
-    dataset: str,
+    dataset: str | None = None,
     batch_size: int = 1000,
+    preprocess: Callable | None = None,
 ) -> np.ndarray:
     """Per-example cross-entropy in evaluation mode.
 
@@ -133,13 +142,14 @@ def example_losses(
       params: parameters.
       batch_stats: BatchNorm statistics, or {}.
       split: uint8 (N, H, W, C) images and int32 (N,) labels.
-      dataset: dataset name (normalisation).
+      dataset: dataset name (normalisation of uint8 images), or None.
       batch_size: inference batch size.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       float32 (N,) losses in nats.
     """
-    fn = _eval_fn(model, data.check_dataset(dataset), "losses")
+    fn = _fn(model, dataset, preprocess, "losses")
     arrays = [split.images, np.asarray(split.labels, np.int32)]
     return _batched(functools.partial(fn, params, batch_stats), arrays, batch_size)
 
@@ -209,10 +219,12 @@ def evaluate(
     batch_stats: PyTree,
     split: data.Split,
     *,
-    dataset: str,
+    dataset: str | None = None,
     forget_classes: Sequence[int],
     batch_size: int = 1000,
     prefix: str = "",
+    preprocess: Callable | None = None,
+    num_classes: int | None = None,
 ) -> dict:
     """Forget, retain, overall and per-class accuracy of a model on a split.
 
@@ -221,20 +233,33 @@ def evaluate(
       params: parameters.
       batch_stats: BatchNorm statistics, or {}.
       split: uint8 (N, H, W, C) images and int32 (N,) labels.
-      dataset: dataset name (normalisation, number of classes).
+      dataset: dataset name (normalisation, number of classes), or None.
       forget_classes: label indices of the forget set.
       batch_size: inference batch size.
       prefix: prepended to every key, e.g. "train_".
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
+      num_classes: C for `per_class`; default: the dataset's, else the model's output width.
 
     Returns:
       {prefix + "forget_acc", "retain_acc", "test_acc" (all examples): float %,
        prefix + "per_class": list of C floats %, nan for absent classes}.
     """
     predictions = predict(
-        model, params, batch_stats, split.images, dataset=dataset, batch_size=batch_size
+        model,
+        params,
+        batch_stats,
+        split.images,
+        dataset=dataset,
+        batch_size=batch_size,
+        preprocess=preprocess,
     )
     result = forget_retain_accuracy(predictions, split.labels, forget_classes)
-    per_class = per_class_accuracy(predictions, split.labels, data.num_classes(dataset))
+    if num_classes is None and dataset is not None:
+        num_classes = data.num_classes(dataset)
+    elif num_classes is None:
+        fn = _fn(model, dataset, preprocess, "logits")
+        num_classes = jax.eval_shape(fn, params, batch_stats, split.images[:1]).shape[-1]
+    per_class = per_class_accuracy(predictions, split.labels, num_classes)
     result["per_class"] = [float(a) for a in per_class]
     return {prefix + k: v for k, v in result.items()}
 

@@ -6,7 +6,12 @@ runs one fixed stream of batches: `data.batch_indices` drawn from a shuffle key,
 calls with increasing `start_batch` continue the same stream.
 
 Randomness: the loop key is split once into a shuffle key (batch order) and a step key; step s
-(counted from the start of the stream) augments with `jax.random.fold_in(step_key, s)`.
+(counted from the start of the stream) augments with `jax.random.fold_in(step_key, s)` and gives
+the model's dropout `jax.random.fold_in(that key, 1)`.
+
+Models are Linen modules (any call signature) or adapters (`tdu_jax.adapters`); images are
+uint8 normalised for `dataset`, or go through `preprocess` (or are model inputs already, e.g.
+float). `loss_fn(logits_BxC, labels_B) -> (B,)` replaces the cross-entropy when given.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from tdu_jax import data, metrics
+from tdu_jax import adapters, data, metrics
 
 PyTree = Any
 # progress(done, total, metrics): `done` of `total` steps finished; metrics are running means.
 ProgressFn = Callable[[int, int, dict], None]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_BxC, labels_B) -> loss_B
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -178,16 +184,25 @@ def create_train_state(
     """A TrainState at step 0 with a freshly initialised optimizer state.
 
     Args:
-      model: the flax module whose `apply` the state uses.
+      model: the flax module whose `apply` the state uses, or an adapter (stored as
+        `apply_fn`; its `state` is kept in `batch_stats`).
       params: parameter pytree.
-      batch_stats: BatchNorm statistics pytree, or {}.
+      batch_stats: BatchNorm statistics pytree (an adapter's state), or {}.
       tx: optimizer.
 
     Returns:
       TrainState. Its arrays alias `params`/`batch_stats`; the jitted steps donate the state, so
       pass copies if the caller still needs the originals (as `train`/`fine_tune` do).
     """
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+    apply_fn = model.apply if isinstance(model, nn.Module) else adapters.as_model(model)
+    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, batch_stats=batch_stats)
+
+
+def _state_model(state: TrainState) -> adapters.Model:
+    """The adapter behind `state.apply_fn` (a Linen module's bound `apply`, or an adapter)."""
+    fn = state.apply_fn
+    owner = getattr(fn, "__self__", None)
+    return adapters.as_model(owner if isinstance(owner, nn.Module) else fn)
 
 
 def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, label_smoothing: float = 0.0):
@@ -204,59 +219,88 @@ def train_step(
     labels_B: jax.Array,
     key: jax.Array,
     *,
-    dataset: str,
+    dataset: str | None = None,
     augment: bool,
     label_smoothing: float = 0.0,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on one batch (pure; jit it, e.g. via `make_train_step`).
 
     Args:
       state: train state; BatchNorm statistics are updated in training mode.
-      images_BxHxWxC: uint8 images.
+      images_BxHxWxC: uint8 images (with `dataset`) or anything `preprocess` takes.
       labels_B: int32 labels.
-      key: PRNG key for augmentation (unused when `augment` is False).
-      dataset: dataset name, selects the normalisation of `data.to_float`.
+      key: PRNG key for augmentation and (folded with 1) the model's dropout.
+      dataset: dataset name, selects the normalisation of `data.to_float`; or None.
       augment: apply `data.augment_cifar` (random crop with padding 4 and flip).
-      label_smoothing: label smoothing in [0, 1).
+      label_smoothing: label smoothing in [0, 1) (cross-entropy only).
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
+      loss_fn: per-example loss replacing the cross-entropy (its mean is minimised).
 
     Returns:
       (new state, metrics) with scalar `loss` (mean cross-entropy, nats) and `accuracy` (%), both
       measured on the batch before the update.
     """
     images = data.augment_cifar(key, images_BxHxWxC) if augment else images_BxHxWxC
-    x = data.to_float(images, dataset)
+    x = adapters.preprocess_fn(dataset, preprocess)(images)
+    model = _state_model(state)
 
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
-        return cross_entropy(logits, labels_B, label_smoothing), (logits, updates)
+    def objective(params):
+        logits, new_state = model.train_apply(
+            params, state.batch_stats, x, jax.random.fold_in(key, 1)
+        )
+        if loss_fn is None:
+            loss = cross_entropy(logits, labels_B, label_smoothing)
+        else:
+            loss = jnp.mean(loss_fn(logits, labels_B).astype(jnp.float32))
+        return loss, (logits, new_state)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    (loss, (logits, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=new_state)
     accuracy = 100.0 * jnp.mean((jnp.argmax(logits, -1) == labels_B).astype(jnp.float32))
     return state, {"loss": loss, "accuracy": accuracy}
 
 
 @functools.cache
-def make_train_step(dataset: str, augment: bool, label_smoothing: float = 0.0) -> Callable:
+def make_train_step(
+    dataset: str | None,
+    augment: bool,
+    label_smoothing: float = 0.0,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
+) -> Callable:
     """The jitted `train_step` for one setting, cached so each setting traces once per shape.
 
     Args:
-      dataset: dataset name.
+      dataset: dataset name, or None.
       augment: whether to augment.
       label_smoothing: label smoothing.
+      preprocess: images -> model inputs, instead of `dataset`.
+      loss_fn: per-example loss replacing the cross-entropy.
 
     Returns:
       fn(state, images_BxHxWxC, labels_B, key) -> (state, metrics); donates `state`.
     """
     step = functools.partial(
-        train_step, dataset=dataset, augment=augment, label_smoothing=label_smoothing
+        train_step,
+        dataset=dataset,
+        augment=augment,
+        label_smoothing=label_smoothing,
+        preprocess=preprocess,
+        loss_fn=loss_fn,
     )
     return jax.jit(step, donate_argnums=(0,))
 
 
 @functools.cache
-def _make_indexed_step(dataset: str, augment: bool, label_smoothing: float) -> Callable:
+def _make_indexed_step(
+    dataset: str | None,
+    augment: bool,
+    label_smoothing: float,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
+) -> Callable:
     """Jitted step that gathers its batch on device: fn(state, images, labels, index_B, key, s)."""
 
     def step(state, images, labels, index_B, key, global_step):
@@ -268,6 +312,8 @@ def _make_indexed_step(dataset: str, augment: bool, label_smoothing: float) -> C
             dataset=dataset,
             augment=augment,
             label_smoothing=label_smoothing,
+            preprocess=preprocess,
+            loss_fn=loss_fn,
         )
 
     return jax.jit(step, donate_argnums=(0,))
@@ -287,11 +333,13 @@ def train_batches(
     num_batches: int,
     *,
     batch_size: int,
-    dataset: str,
+    dataset: str | None = None,
     augment: bool,
     label_smoothing: float = 0.0,
     start_batch: int = 0,
     progress: ProgressFn | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[TrainState, dict]:
     """Runs exactly `num_batches` optimizer steps on batches of `split`.
 
@@ -314,6 +362,8 @@ def train_batches(
       progress: optional callback `progress(done, total, metrics)`, called every
         `PROGRESS_EVERY` steps and after the last; metrics hold running-mean `loss` and
         `accuracy` (%), `images_per_s` and `eta_s` (seconds).
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
+      loss_fn: per-example loss replacing the cross-entropy.
 
     Returns:
       (new state, metrics) with mean `loss` (nats) and `accuracy` (%) over the steps (nan if
@@ -327,7 +377,9 @@ def train_batches(
     index = data.batch_indices(split.size, batch_size, shuffle_key, start_batch + num_batches)
     index = index[start_batch:]
     images, labels = jnp.asarray(split.images), jnp.asarray(split.labels)
-    step_fn = _make_indexed_step(data.check_dataset(dataset), bool(augment), label_smoothing)
+    if dataset is not None:
+        dataset = data.check_dataset(dataset)
+    step_fn = _make_indexed_step(dataset, bool(augment), label_smoothing, preprocess, loss_fn)
 
     history: list[dict] = []
     start = time.perf_counter()
@@ -361,7 +413,7 @@ def train(
     batch_stats: PyTree,
     train_split: data.Split,
     *,
-    dataset: str,
+    dataset: str | None = None,
     config: OptimizerConfig,
     epochs: int,
     batch_size: int,
@@ -369,6 +421,8 @@ def train(
     augment: bool = False,
     eval_split: data.Split | None = None,
     progress: ProgressFn | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[PyTree, PyTree, list[dict]]:
     """Trains for whole epochs; deterministic given `key`.
 
@@ -389,6 +443,8 @@ def train(
       eval_split: optional split whose accuracy is measured after each epoch.
       progress: optional callback `progress(done, total, metrics)` over all steps of all epochs;
         metrics as in `train_batches` plus `epoch` (1-based).
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
+      loss_fn: per-example loss replacing the cross-entropy.
 
     Returns:
       (params, batch_stats, history): history holds one dict per epoch with `epoch` (1-based),
@@ -428,11 +484,18 @@ def train(
             label_smoothing=config.label_smoothing,
             start_batch=offset,
             progress=epoch_progress,
+            preprocess=preprocess,
+            loss_fn=loss_fn,
         )
         record = {"epoch": epoch + 1, "loss": m["loss"], "train_acc": m["accuracy"]}
         if eval_split is not None:
             predictions = metrics.predict(
-                model, state.params, state.batch_stats, eval_split.images, dataset=dataset
+                model,
+                state.params,
+                state.batch_stats,
+                eval_split.images,
+                dataset=dataset,
+                preprocess=preprocess,
             )
             record["test_acc"] = metrics.accuracy(predictions, eval_split.labels)
         record.update(seconds=m["seconds"], images_per_s=m["images_per_s"])
@@ -446,7 +509,7 @@ def fine_tune(
     batch_stats: PyTree,
     split: data.Split,
     *,
-    dataset: str,
+    dataset: str | None = None,
     config: OptimizerConfig,
     num_batches: int,
     batch_size: int,
@@ -455,6 +518,8 @@ def fine_tune(
     start_batch: int = 0,
     total_batches: int | None = None,
     progress: ProgressFn | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[PyTree, PyTree, dict]:
     """Fine-tunes for `num_batches` batches of `split` with a fresh optimizer.
 
@@ -478,6 +543,8 @@ def fine_tune(
       start_batch: position in the batch stream (and schedule, see above) of the first batch.
       total_batches: optional schedule length spanning several calls.
       progress: optional callback, as in `train_batches`.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
+      loss_fn: per-example loss replacing the cross-entropy.
 
     Returns:
       (params, batch_stats, metrics) with metrics as returned by `train_batches`.
@@ -506,5 +573,7 @@ def fine_tune(
         label_smoothing=config.label_smoothing,
         start_batch=start_batch,
         progress=progress,
+        preprocess=preprocess,
+        loss_fn=loss_fn,
     )
     return state.params, state.batch_stats, m

@@ -6,16 +6,21 @@ the chain stages of ``tdu_jax.models.layers``). Its units depend on the
 
 * ``weight``: every scalar of the kernel (C order), then every scalar of the bias.
 * ``filter``: one output channel: ``kernel[..., c]``, ``bias[c]`` and, when
-  ``include_bn`` is set, ``scale[c]`` and ``bias[c]`` of the paired BatchNorm (the
-  sibling whose name swaps ``conv`` for ``bn``, e.g. ``conv1`` -> ``bn1``). Without
+  ``include_bn`` is set, ``scale[c]`` and ``bias[c]`` of the paired BatchNorm. Without
   the BatchNorm channel a removed conv filter still emits the BN shift.
+
+BatchNorm pairing is explicit (``bn_pairs={"Conv_0": "BatchNorm_0"}``, e.g. discovered
+from a Linen model's computation by ``adapters.linen_bn_pairs``); layers not named
+there fall back to the sibling whose name swaps ``conv`` for ``bn`` (``conv1`` ->
+``bn1``). A layer left unpaired while an unclaimed sibling normalisation of its
+width (``scale`` and ``bias``, no ``kernel``) exists is an error, never a silent loss.
 
 Units are numbered globally in a stable order: layers in the params tree's
 flattening order (sorted keys), units within a layer as above.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -38,7 +43,7 @@ class Layer(NamedTuple):
 
     @property
     def name(self) -> str:
-        return "/".join(self.path)
+        return _name(self.path)
 
     @property
     def out_channels(self) -> int:
@@ -65,6 +70,10 @@ def check_granularity(granularity: str) -> str:
     return granularity
 
 
+def _name(path: Sequence[Any]) -> str:
+    return "/".join(str(k) for k in path)
+
+
 def get_path(tree: PyTree, path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
@@ -80,6 +89,38 @@ def _layer_dicts(params: PyTree, prefix: tuple[str, ...] = ()):
         return
     for key in sorted(params.keys()):
         yield from _layer_dicts(params[key], (*prefix, key))
+
+
+def _norm_dicts(params: PyTree, prefix: tuple[str, ...] = ()):
+    """Yields (path, channels) for every dict with ``scale`` and ``bias`` and no ``kernel``."""
+    if not isinstance(params, dict) and not hasattr(params, "keys"):
+        return
+    if "scale" in params and "bias" in params and "kernel" not in params:
+        if np.ndim(params["scale"]) == 1:
+            yield prefix, int(np.shape(params["scale"])[0])
+        return
+    for key in sorted(params.keys()):
+        yield from _norm_dicts(params[key], (*prefix, key))
+
+
+def _explicit_bn(params, bn_pairs, path, channels) -> tuple[str, ...] | None:
+    bn_name = bn_pairs[_name(path)]
+    if bn_name is None:
+        return None
+    bn_path, node = [], params
+    for part in bn_name.split("/"):
+        keys = [k for k in (node.keys() if hasattr(node, "keys") else ()) if str(k) == part]
+        if not keys:
+            raise ValueError(f"bn_pairs pairs {_name(path)} with {bn_name}, which is not in params")
+        bn_path.append(keys[0])
+        node = node[keys[0]]
+    bn_path, bn = tuple(bn_path), node
+    if "scale" not in bn or tuple(np.shape(bn["scale"])) != (channels,):
+        raise ValueError(
+            f"bn_pairs pairs {_name(path)} ({channels} channels) with {bn_name}, which has no "
+            f"scale of shape ({channels},)"
+        )
+    return bn_path
 
 
 def _paired_bn(params: PyTree, path: tuple[str, ...], channels: int) -> tuple[str, ...] | None:
@@ -101,6 +142,7 @@ def enumerate_units(
     include: str | None = None,
     exclude: str | None = None,
     include_bn: bool = True,
+    bn_pairs: Mapping[str, str | None] | Sequence[tuple[str, str | None]] | None = None,
 ) -> UnitSpec:
     """Lists the layers of ``params`` and numbers their units.
 
@@ -110,14 +152,27 @@ def enumerate_units(
       include: optional regex; only layers whose name (``a/b/c``) matches are kept.
       exclude: optional regex; layers whose name matches are dropped.
       include_bn: for ``filter``, whether the paired BatchNorm channel is part of the unit.
+      bn_pairs: explicit pairing ``{layer name: BatchNorm name or None}`` (names are
+        ``a/b`` paths in ``params``; None: the layer has no BatchNorm). Layers not listed
+        are paired by name (``conv`` -> ``bn``).
 
     Returns:
       A ``UnitSpec``; ``num_units`` > 0.
+
+    Raises:
+      ValueError: for ``filter`` with ``include_bn``, when a layer stays unpaired although
+        an unclaimed normalisation of its width sits beside it (name the pair in
+        ``bn_pairs``).
     """
     check_granularity(granularity)
+    bn_pairs = dict(bn_pairs or {})
+    all_layers = {_name(path) for path, _ in _layer_dicts(params)}
+    unknown = sorted(set(bn_pairs) - all_layers)
+    if unknown:
+        raise ValueError(f"bn_pairs names layers not in params: {unknown}")
     layers, offset = [], 0
     for path, layer in _layer_dicts(params):
-        name = "/".join(path)
+        name = _name(path)
         if include is not None and not re.search(include, name):
             continue
         if exclude is not None and re.search(exclude, name):
@@ -128,12 +183,41 @@ def enumerate_units(
             n, bn_path = int(np.prod(kernel_shape)) + bias_size, None
         else:
             n = kernel_shape[-1]
-            bn_path = _paired_bn(params, path, n) if include_bn else None
+            bn_path = None
+            if include_bn:
+                if name in bn_pairs:
+                    bn_path = _explicit_bn(params, bn_pairs, path, n)
+                else:
+                    bn_path = _paired_bn(params, path, n)
         layers.append(Layer(path, kernel_shape, bias_size, bn_path, offset, n))
         offset += n
     if not layers:
         raise ValueError(f"no layer with units left after include={include!r}, exclude={exclude!r}")
+    if granularity == "filter" and include_bn:
+        _check_pairing(params, layers, bn_pairs)
     return UnitSpec(granularity, include_bn, tuple(layers))
+
+
+def _check_pairing(params: PyTree, layers: list[Layer], bn_pairs: dict) -> None:
+    """ValueError for a layer left unpaired beside an unclaimed norm of its width."""
+    claimed = {layer.bn_path for layer in layers if layer.bn_path is not None}
+    claimed = {_name(p) for p in claimed} | {v for v in bn_pairs.values() if v is not None}
+    free = [(p, c) for p, c in _norm_dicts(params) if _name(p) not in claimed]
+    for layer in layers:
+        if layer.bn_path is not None or layer.name in bn_pairs:
+            continue
+        candidates = [
+            _name(p) for p, c in free if c == layer.out_channels and p[:-1] == layer.path[:-1]
+        ]
+        if candidates:
+            raise ValueError(
+                f"filter units of {layer.name} cannot be paired with a BatchNorm, but "
+                f"{', '.join(candidates)} has its width ({layer.out_channels}); without the "
+                "pair a removed filter keeps emitting the BatchNorm shift. Pass "
+                f"bn_pairs={{{layer.name!r}: {candidates[0]!r}}} (or None if it has no "
+                "BatchNorm; tdu_jax.adapters.linen_bn_pairs discovers pairs of a Linen "
+                "model), or include_bn=False."
+            )
 
 
 def locate(spec: UnitSpec, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +252,11 @@ def unit_mask(params: PyTree, spec: UnitSpec, units: np.ndarray) -> PyTree:
       units: int array of global unit indices (any order, duplicates allowed).
 
     Returns:
-      A pytree of bool ``jax.Array`` with the structure and shapes of ``params``.
+      A pytree of bool ``jax.Array`` with the structure and shapes of ``params``. Under
+      ``jax.jit`` ``units`` may be traced (indices out of range then select nothing).
     """
+    if isinstance(units, jax.core.Tracer):
+        return _traced_unit_mask(params, spec, units)
     masks = jax.tree.map(lambda p: np.zeros(np.shape(p), dtype=bool), params)
     layer_pos, local = locate(spec, units)
     for pos in np.unique(layer_pos):
@@ -191,6 +278,46 @@ def unit_mask(params: PyTree, spec: UnitSpec, units: np.ndarray) -> PyTree:
             if "bias" in m:
                 m["bias"][idx[idx >= kernel_size] - kernel_size] = True
     return jax.tree.map(jnp.asarray, masks)
+
+
+def _key(entry: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def _traced_unit_mask(params: PyTree, spec: UnitSpec, units: jax.Array) -> PyTree:
+    """``unit_mask`` for traced unit indices: per-layer scatters with out-of-range dropped."""
+    units = jnp.asarray(units).reshape(-1)
+    leaf_masks: dict[tuple, jax.Array] = {}
+
+    def put(path, m):
+        leaf_masks[path] = leaf_masks[path] | m if path in leaf_masks else m
+
+    for layer in spec.layers:
+        local = units - layer.offset
+        inside = (local >= 0) & (local < layer.num_units)
+        hit = jnp.zeros(layer.num_units, bool)
+        hit = hit.at[jnp.where(inside, local, layer.num_units)].set(True, mode="drop")
+        if spec.granularity == "filter":
+            put((*layer.path, "kernel"), jnp.broadcast_to(hit, layer.kernel_shape))
+            if layer.bias_size:
+                put((*layer.path, "bias"), hit)
+            if layer.bn_path is not None:
+                put((*layer.bn_path, "scale"), hit)
+                put((*layer.bn_path, "bias"), hit)
+        else:
+            kernel_size = int(np.prod(layer.kernel_shape))
+            put((*layer.path, "kernel"), hit[:kernel_size].reshape(layer.kernel_shape))
+            if layer.bias_size:
+                put((*layer.path, "bias"), hit[kernel_size:])
+
+    def leaf(key_path, p):
+        path = tuple(_key(k) for k in key_path)
+        return leaf_masks.get(path, jnp.zeros(np.shape(p), bool)).reshape(np.shape(p))
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def check_mask_structure(params: PyTree, mask: PyTree) -> None:

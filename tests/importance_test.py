@@ -59,6 +59,7 @@ def _per_layer_subset(spec, rng, kernel_count, bias_count=0, extra=()):
 def _record_compiles(monkeypatch, traced):
     """Records the jitted chunk functions made and how often ``traced`` is traced."""
     made, traces = [], []
+    importance._make_chunk_fn.cache_clear()  # count this test's compiles, not earlier tests'
     make, inner = importance._make_chunk_fn, getattr(importance, traced)
 
     def recording_make(*args):
