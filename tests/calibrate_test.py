@@ -1,0 +1,97 @@
+"""Tests of the train-split (K, dt) sweep and the selective importance score."""
+
+import jax
+import numpy as np
+import pytest
+
+from tdu_jax import calibrate, data, decay, importance, metrics, models, selective, units
+
+
+def _points(*triples):
+    return [
+        {"top_k": k, "dt": 1.0, "forget_train_acc": f, "retain_train_acc": r}
+        for k, f, r in triples
+    ]
+
+
+def test_choose_takes_best_retain_among_points_under_the_ceiling():
+    points = _points((10, 6.0, 99.0), (20, 4.0, 90.0), (30, 1.0, 95.0), (40, 5.0, 95.0))
+    # 30 and 40 tie on retain (95) and are <= 5; the lower forget accuracy wins.
+    assert calibrate.choose(points, 5.0)["top_k"] == 30
+    assert calibrate.choose(points, 1.0)["top_k"] == 30
+
+
+def test_choose_falls_back_to_lowest_forget_accuracy():
+    points = _points((10, 9.0, 99.0), (20, 7.0, 80.0), (30, 7.0, 85.0))
+    assert calibrate.choose(points, 5.0)["top_k"] == 30
+    with pytest.raises(ValueError, match="no points"):
+        calibrate.choose([], 5.0)
+
+
+def _imp(acc, loss, units_=None):
+    acc = np.asarray(acc, np.float64)
+    return importance.Importance(
+        units=np.arange(acc.size) if units_ is None else np.asarray(units_),
+        accuracy_drop=acc,
+        loss_increase=np.asarray(loss, np.float64),
+        base_accuracy=100.0,
+        base_loss=0.1,
+        sample_size=10,
+        seconds=2.0,
+    )
+
+
+def test_selective_importance_is_forget_minus_beta_retain():
+    forget = _imp([10.0, 5.0, 0.0], [1.0, 0.5, 0.0])
+    retain = _imp([10.0, 0.0, 2.0], [0.8, 0.0, 0.2])
+    out = selective.selective_importance(forget, retain, beta=0.5)
+    np.testing.assert_allclose(out.accuracy_drop, [5.0, 5.0, -1.0])
+    np.testing.assert_allclose(out.loss_increase, [0.6, 0.5, -0.1])
+    assert out.seconds == 4.0 and out.sample_size == 10
+    # Unit 1 (forget-only) now ties unit 0 on accuracy and loses on loss: rank 0, 1, 2.
+    np.testing.assert_array_equal(decay.rank_units(out), [0, 1, 2])
+    # With beta = 1 the shared unit 0 drops to 0 and the forget-only unit 1 ranks first.
+    np.testing.assert_array_equal(decay.rank_units(selective.selective_importance(
+        forget, retain, 1.0)), [1, 0, 2])  # fmt: skip
+    np.testing.assert_array_equal(
+        selective.selective_importance(forget, retain, 0.0).accuracy_drop, forget.accuracy_drop
+    )
+
+
+def test_selective_importance_rejects_mismatch_and_negative_beta():
+    with pytest.raises(ValueError, match="same units"):
+        selective.selective_importance(_imp([1, 2], [0, 0]), _imp([1, 2], [0, 0], [1, 0]))
+    with pytest.raises(ValueError, match="beta"):
+        selective.selective_importance(_imp([1], [0]), _imp([1], [0]), -1.0)
+    with pytest.raises(ValueError, match="importance_score"):
+        selective.check_importance_score("ratio")
+
+
+def test_sweep_decay_scores_every_point_with_the_decayed_model():
+    model = models.get_model("lenet")
+    params, bs = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    forget, retain = data.Split(images[:20], labels[:20]), data.Split(images[20:], labels[20:])
+    spec = units.enumerate_units(params, "weight", include="dense3")
+    imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
+    sweep = calibrate.sweep_decay(
+        model, params, bs, dataset="mnist", forget_train=forget, retain_train=retain, imp=imp,
+        spec=spec, top_ks=[5, 0.5], dts=[1.0, 30.0], lam=0.1, decay_steps=3,
+    )  # fmt: skip
+    assert [(p["top_k"], p["dt"]) for p in sweep["points"]] == [
+        (5, 1.0), (5, 30.0), (0.5, 1.0), (0.5, 30.0)
+    ]  # fmt: skip
+    assert sweep["points"][2]["units"] == round(0.5 * spec.num_units)
+    # Independent check of one point: decay by hand and predict.
+    selected = decay.select_top_k(imp, 0.5)
+    mask = units.unit_mask(params, spec, selected)
+    factor = np.exp(-0.1 * 30.0 * 3)
+    by_hand = jax.tree.map(lambda p, m: np.where(m, p * factor, p), params, mask)
+    pred = metrics.predict(model, by_hand, bs, forget.images, dataset="mnist")
+    assert sweep["points"][3]["forget_train_acc"] == pytest.approx(
+        metrics.accuracy(pred, forget.labels), abs=1e-9
+    )
+    best = calibrate.choose(sweep["points"], 5.0)
+    assert sweep["chosen"] == {"top_k": best["top_k"], "dt": best["dt"]}
