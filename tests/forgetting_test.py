@@ -264,7 +264,7 @@ class _PlainMLP(nn.Module):
 
 def test_penultimate_features_without_stages_needs_features_fn():
     model = _PlainMLP()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 28, 28, 1)))["params"]
     images = _random_images(4, (28, 28, 1))
     with pytest.raises(ValueError, match="features_fn"):
         forgetting.penultimate_features(model, params, {}, images, dataset="mnist")
@@ -320,19 +320,19 @@ def test_relearn_steps_counts_like_a_naive_loop_and_caps():
         metrics.predict(model, params, {}, forget_test.images, dataset="mnist"), forget_test.labels
     )
     assert start_acc < 50.0
-    kwargs = dict(dataset="mnist", key=jax.random.key(0), max_steps=40)
-    steps = forgetting.relearn_steps(model, params, {}, sample, forget_test, **kwargs)
-    assert 1 <= steps <= 40
-    assert steps == _naive_relearn(model, params, sample, forget_test, 0.01, 50.0, 40)
+    # A small lr and a high target, so relearning takes several steps (9 when written).
+    kwargs = dict(dataset="mnist", key=jax.random.key(0, impl="rbg"), max_steps=40, target=99.0)
+    steps = forgetting.relearn_steps(model, params, {}, sample, forget_test, lr=3e-4, **kwargs)
+    assert 3 <= steps <= 40
+    assert steps == _naive_relearn(model, params, sample, forget_test, 3e-4, 99.0, 40)
     relearn = functools.partial(forgetting.relearn_steps, model, params, {}, sample, forget_test)
-    assert relearn(lr=0.0, **kwargs) == 41
-    assert relearn(target=0.0, **kwargs) == 0
+    assert relearn(lr=0.0, **kwargs) == 41  # capped
+    assert relearn(**{**kwargs, "target": 0.0}) == 0  # already there
+    assert relearn(lr=3e-4, eval_every=4, **kwargs) == 4 * math.ceil(steps / 4)
     # Mixed batches (forget sample + as many retain images) also reach it, never sooner here.
     _, retain = data.forget_retain(split, [0])
-    mixed = forgetting.relearn_steps(
-        model, params, {}, sample, forget_test, retain_split=retain, **kwargs
-    )
-    assert steps <= mixed <= 41
+    mixed = relearn(lr=3e-4, retain_split=retain, **kwargs)
+    assert steps <= mixed <= 40
 
 
 def test_relearn_steps_resnet_batch_stats_run_in_train_mode():
@@ -347,7 +347,7 @@ def test_relearn_steps_resnet_batch_stats_run_in_train_mode():
         sample,
         sample,
         dataset="cifar10",
-        key=jax.random.key(0),
+        key=jax.random.key(0, impl="rbg"),
         lr=0.05,
         batch_size=4,
         max_steps=30,
@@ -370,7 +370,7 @@ def test_forgetting_metrics_keys_finite_and_reproducible():
         train=train_split,
         test=test_split,
         forget_classes=[0],
-        key=jax.random.key(0),
+        key=jax.random.key(0, impl="rbg"),
         probe_per_class=20,
         relearn_size=20,
         relearn_max_steps=5,
