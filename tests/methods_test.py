@@ -168,7 +168,10 @@ def test_registry_lists_every_method_with_its_config():
     for name, (fn, config_type) in M.METHODS.items():
         assert callable(fn)
         assert isinstance(TEST_CONFIGS[name], config_type)
-        config_type()  # every field has a documented default
+        defaults = config_type()  # every field has a documented default
+        for field in ("optimizer",):
+            if hasattr(defaults, field):
+                train.validate_optimizer_config(getattr(defaults, field))
 
 
 def test_run_method_rejects_bad_name_and_config(toy):
@@ -387,3 +390,60 @@ def test_steps_trace_once_across_calls(toy):
                      dataset="mnist")  # fmt: skip
         sizes.append([step._cache_size() for step in steps])
     assert sizes[0] == sizes[1]  # the second call compiled nothing new
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_a_batchnorm_resnet():
+    """ResNetTiny on a 3-class 32x32x3 toy: BatchNorm statistics flow through every method."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 16).astype(np.int32)
+    protos = rng.integers(0, 256, (3, 32, 32, 3))
+    images = np.clip(protos[labels] + rng.normal(0, 40, (48, 32, 32, 3)), 0, 255)
+    forget, retain = data.forget_retain(data.Split(images.astype(np.uint8), labels), [0])
+    model = models.get_model("resnet_tiny", num_classes=3)
+    params, batch_stats = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+    data_in = M.MethodData(forget, retain, (0,), 3)
+    one = dict(epochs=1, batch_size=16)
+    configs = {
+        "retrain": M.RetrainConfig(**one),
+        "decay": M.DecayConfig(
+            unlearn=unlearn.UnlearnConfig(
+                granularity="filter",
+                include="head",
+                top_k=1,
+                decay_steps=1,
+                evaluate_each_step=False,
+                batch_size=16,
+                finetune="after_all",
+                finetune_batches=1,
+                unit_chunk=8,
+                sample_batch=16,
+            )
+        ),  # fmt: skip
+        "ft": M.FTConfig(**one),
+        "ga": M.GAConfig(**one),
+        "neggrad_plus": M.NegGradPlusConfig(**one),
+        "rl": M.RLConfig(**one),
+        "l1_sparse": M.L1SparseConfig(**one),
+        "ssd": M.SSDConfig(batch_size=16),
+        "salun": M.SalUnConfig(mask_batch_size=16, **one),
+        "scrub": M.ScrubConfig(
+            epochs=1, msteps=0, forget_batch_size=16, retain_batch_size=16, augment=True
+        ),
+    }
+    assert list(configs) == list(M.METHODS)
+    for name, config in configs.items():
+        result = M.run_method(
+            name, model, params, batch_stats, data_in, jax.random.key(1), config,
+            dataset="cifar10",
+        )  # fmt: skip
+        leaves = jax.tree.leaves(result.params) + jax.tree.leaves(result.batch_stats)
+        assert all(np.isfinite(np.asarray(x)).all() for x in leaves), name
+        stats_moved = any(
+            not np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(batch_stats), jax.tree.leaves(result.batch_stats), strict=True
+            )
+        )
+        # Every method that trains updates the running statistics; SSD only rescales params.
+        assert stats_moved == (result.info["gradient_steps"] > 0), name
