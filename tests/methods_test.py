@@ -113,7 +113,7 @@ TEST_CONFIGS = {
     "scrub": M.ScrubConfig(
         optimizer=_sgd(0.05),
         epochs=2,
-        msteps=1,
+        msteps=2,
         forget_batch_size=16,
         retain_batch_size=32,
         gamma=0.99,
@@ -428,7 +428,7 @@ def test_every_method_runs_on_a_batchnorm_resnet():
         "ssd": M.SSDConfig(batch_size=16),
         "salun": M.SalUnConfig(mask_batch_size=16, **one),
         "scrub": M.ScrubConfig(
-            epochs=1, msteps=0, forget_batch_size=16, retain_batch_size=16, augment=True
+            epochs=1, msteps=1, forget_batch_size=16, retain_batch_size=16, augment=True
         ),
     }
     assert list(configs) == list(M.METHODS)

@@ -80,10 +80,11 @@ def check_data(data_in: MethodData) -> None:
 
 
 def full_train(data_in: MethodData) -> data.Split:
-    """The whole training set seen by the base model: forget then retain examples."""
+    """The whole training set seen by the base model: retain then forget examples (the order of
+    SSD's `ConcatDataset((retain, forget))`)."""
     f, r = data_in.forget_train, data_in.retain_train
     return data.Split(
-        np.concatenate([f.images, r.images]), np.concatenate([f.labels, r.labels]).astype(np.int32)
+        np.concatenate([r.images, f.images]), np.concatenate([r.labels, f.labels]).astype(np.int32)
     )
 
 

@@ -1,13 +1,15 @@
 """Selective Synaptic Dampening (SSD; Foster et al., AAAI 2024).
 
-Source: if-loops/selective-synaptic-dampening, ssd.py (`ParameterPerturber.calc_importance`,
-`modify_weight`, `ssd_tuning`; read 2026-11-27). Importance of a parameter on a data set is the
-diagonal of the empirical Fisher as the official code computes it: the square of the gradient of
-each batch's mean cross-entropy, averaged over batches, with the model in evaluation mode. With
-[]_D the importance on the full training set and []_f on the forget set, every parameter with
-[]_f > alpha * []_D is multiplied by min(lambda * []_D / []_f, 1); others are unchanged.
-Defaults: lambda = 1, alpha = 10 (the paper's ResNet-18 / CIFAR setting; exponent 1, lower
-bound 1 as in `ssd_tuning`).
+Source (read 2026-11-27): if-loops/selective-synaptic-dampening, ssd.py
+(`ParameterPerturber.calc_importance`, `modify_weight`, `ssd_tuning`) and
+src/forget_full_class_main.py (unshuffled loaders of batch 64 over the forget set and over
+ConcatDataset(retain, forget); lambda 1, alpha 10). Importance of a parameter on a data set is
+the diagonal of the empirical Fisher as the official code computes it: the square of the
+gradient of each batch's mean cross-entropy, averaged over batches, with the model in evaluation
+mode. With []_D the importance on the full training set and []_f on the forget set, every
+parameter with []_f > alpha * []_D is multiplied by min(lambda * []_D / []_f, 1); others are
+unchanged. Defaults: lambda = 1, alpha = 10 (the paper's ResNet-18 / CIFAR setting; exponent 1,
+lower bound 1 as in `ssd_tuning`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ class SSDConfig(NamedTuple):
       alpha: selection weighting; a parameter is dampened where forget importance exceeds
         alpha times its full-training-set importance.
       lam: dampening constant lambda; the factor is min(lam * imp_D / imp_f, 1).
-      batch_size: batch of the importance passes (the importances depend on it, as in the
-        official code; 128 is ours).
+      batch_size: batch of the importance passes (the importances depend on it; 64 is the
+        official `-b` default).
     """
 
     alpha: float = 10.0
     lam: float = 1.0
-    batch_size: int = 128
+    batch_size: int = 64
 
 
 def importance(
@@ -91,8 +93,8 @@ def ssd(
 ) -> MethodResult:
     """Dampens the parameters much more important to the forget set than to all training data.
 
-    The full training set is forget + retain (`base.full_train`). No training: `key` is unused,
-    batch_stats are returned as given.
+    The full training set is retain + forget (`base.full_train`), in that order, unshuffled.
+    No training: `key` is unused, batch_stats are returned as given.
 
     Returns:
       MethodResult; info adds `dampened` (entries changed) and `num_params`.
