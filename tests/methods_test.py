@@ -447,3 +447,34 @@ def test_every_method_runs_on_a_batchnorm_resnet():
         )
         # Every method that trains updates the running statistics; SSD only rescales params.
         assert stats_moved == (result.info["gradient_steps"] > 0), name
+
+
+@pytest.mark.parametrize("name", ["ga", "neggrad_plus", "l1_sparse"])
+def test_one_full_batch_sgd_step_matches_closed_form(linear, name):
+    """Plain SGD, one batch holding the whole set: the update is -lr * the closed-form gradient."""
+    model, params, split = linear
+    forget, retain = data.forget_retain(split, FORGET)  # 4 and 12 examples
+    data_in = M.MethodData(forget, retain, FORGET, NUM_CLASSES)
+    lr = 0.1
+    plain = train.OptimizerConfig(
+        name="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0, schedule="constant"
+    )
+    (gf_w, gf_b), = _linear_grads(params, forget, 4)  # fmt: skip
+    (gr_w, gr_b), = _linear_grads(params, retain, 12)  # fmt: skip
+    w = np.asarray(params["dense"]["kernel"], np.float64)
+    b = np.asarray(params["dense"]["bias"], np.float64)
+    if name == "ga":  # ascent on the forget CE
+        config = M.GAConfig(optimizer=plain, epochs=1, batch_size=4)
+        step_w, step_b = -gf_w, -gf_b
+    elif name == "neggrad_plus":  # alpha * CE_r - (1 - alpha) * CE_f
+        config = M.NegGradPlusConfig(optimizer=plain, alpha=0.7, epochs=1, batch_size=12)
+        step_w, step_b = 0.7 * gr_w - 0.3 * gf_w, 0.7 * gr_b - 0.3 * gf_b
+    else:  # CE_r + alpha * sum |theta|, alpha in epoch 0 = config.alpha
+        config = M.L1SparseConfig(optimizer=plain, alpha=0.05, epochs=1, batch_size=12)
+        step_w, step_b = gr_w + 0.05 * np.sign(w), gr_b + 0.05 * np.sign(b)
+    result = M.run_method(
+        name, model, params, {}, data_in, jax.random.key(0), config, dataset="mnist"
+    )
+    assert result.info["gradient_steps"] == 1
+    np.testing.assert_allclose(result.params["dense"]["kernel"], w - lr * step_w, atol=2e-6)
+    np.testing.assert_allclose(result.params["dense"]["bias"], b - lr * step_b, atol=2e-6)
