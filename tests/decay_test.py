@@ -295,3 +295,27 @@ def test_decay_step_traces_once_per_shape():
     mask2 = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params2)
     decay.decay(params2, mask2, 0.1, 1.0, 3)
     assert decay._decay_step._cache_size() == before + 2
+
+
+def test_decay_under_jit_with_traced_lambda_dt_steps_and_units():
+    """The issue's "decay fails under jit with a traced lambda": jit equals the eager loop."""
+    params = {"d": {"kernel": jnp.arange(1.0, 7.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    spec = units.enumerate_units(params, "weight")
+
+    @jax.jit
+    def jitted(p, unit_ids, lam, dt, steps):
+        return decay.decay(p, units.unit_mask(p, spec, unit_ids), lam, dt, steps)
+
+    out = jitted(params, jnp.array([0, 7]), 0.5, 2.0, 3)
+    expected = {
+        "d": {
+            "kernel": np.array([[np.exp(-3.0), 2, 3], [4, 5, 6]], np.float32),
+            "bias": np.array([1, np.exp(-3.0), 1], np.float32),
+        }
+    }
+    chex.assert_trees_all_close(out, expected, rtol=1e-6)
+    eager = decay.decay(params, units.unit_mask(params, spec, np.array([0, 7])), 0.5, 2.0, 3)
+    chex.assert_trees_all_close(out, eager, rtol=1e-6)
+    assert out["d"]["kernel"][0, 1] == 2.0  # unselected entries untouched
+    step = jax.jit(decay.decay_step)(params, units.unit_mask(params, spec, np.array([1])), 0.5, 2.0)
+    assert float(step["d"]["kernel"][0, 1]) == pytest.approx(2.0 * np.exp(-1.0), rel=1e-6)

@@ -477,3 +477,39 @@ def test_no_units_and_duplicate_units():
         (full.accuracy_drop[[2, 5, 2, 0]], full.loss_increase[[2, 5, 2, 0]]),
         atol=1e-6,
     )
+
+
+def _traces_during(fn) -> int:
+    """Number of jaxpr traces while ``fn`` runs (public ``jax.monitoring`` events)."""
+    events = []
+
+    def listener(name, *args, **kwargs):
+        if name == "/jax/core/compile/jaxpr_trace_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "filter"])
+def test_second_identical_call_traces_nothing(granularity):
+    """The issue: a second identical call compiled 10 times. Staged (LeNet) fast path."""
+    model = models.get_model("lenet")
+    params, batch_stats = _init(model, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(20, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 20), jnp.int32)
+    spec = units.enumerate_units(params, granularity)
+    chosen = np.concatenate([layer.offset + np.arange(3) for layer in spec.layers])
+
+    def call():
+        importance.ablation_importance(
+            models.get_model("lenet"), params, batch_stats, images, labels, spec, units=chosen
+        )
+
+    assert _traces_during(call) > 0
+    assert _traces_during(call) == 0

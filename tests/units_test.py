@@ -339,3 +339,15 @@ def test_check_mask_structure_errors():
     wrong_shape["dense"]["bias"] = np.zeros(4, bool)
     with pytest.raises(ValueError, match=r"mask leaf shape \(4,\) != params leaf shape \(3,\)"):
         units.check_mask_structure(params, wrong_shape)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "filter"])
+def test_unit_mask_with_traced_units_equals_concrete(granularity):
+    params = _tiny_params()
+    spec = units.enumerate_units(params, granularity, include_bn=True)
+    chosen = np.array([0, 3, spec.num_units - 1, 3])
+    traced = jax.jit(lambda u: units.unit_mask(params, spec, u))(jnp.asarray(chosen))
+    chex.assert_trees_all_equal(traced, units.unit_mask(params, spec, chosen))
+    # Out-of-range traced indices select nothing (they cannot raise under jit).
+    empty = jax.jit(lambda u: units.unit_mask(params, spec, u))(jnp.array([-1, spec.num_units]))
+    assert not any(bool(np.any(m)) for m in jax.tree.leaves(empty))

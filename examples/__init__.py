@@ -1,0 +1,1 @@
+"""Examples: tdu_jax with your own models (Linen, NNX, plain functions)."""
