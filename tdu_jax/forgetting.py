@@ -653,7 +653,9 @@ def forgetting_metrics(
     k_members, k_nonmembers, k_attack, k_probe, k_relearn_sample, k_relearn = jax.random.split(
         key, 6
     )
-    n_mia = retain_test.size if mia_sample is None else min(int(mia_sample), retain_test.size)
+    n_mia = min(retain_test.size, retain_train.size)
+    if mia_sample is not None:
+        n_mia = min(int(mia_sample), n_mia)
     rng_members = np.random.default_rng(_key_seed(k_members))
     members = _subset(
         retain_train, np.sort(rng_members.choice(retain_train.size, n_mia, replace=False))
@@ -663,7 +665,7 @@ def forgetting_metrics(
         rng_non = np.random.default_rng(_key_seed(k_nonmembers))
         nonmembers = _subset(retain_test, np.sort(rng_non.choice(retain_test.size, n_mia, False)))
 
-    # Logits once per split, all splits in one call (one trace per model and total size).
+    # Logits once per split, all in one call: fixed 1000-image batches, so one trace per model.
     splits = (members, nonmembers, forget_train, forget_test)
     z = metrics.logits(
         model, params, batch_stats, np.concatenate([s.images for s in splits]), dataset=dataset

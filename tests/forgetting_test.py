@@ -233,6 +233,10 @@ def test_penultimate_features_lenet_match_stages():
     chex.assert_trees_all_close(
         logits, metrics.logits(model, params, {}, images, dataset="mnist"), rtol=1e-4, atol=1e-4
     )
+    # Other parameters of the same model reuse the compiled function (one trace per shape).
+    other = jax.tree.map(lambda a: a * 0.5, params)
+    forgetting.penultimate_features(model, other, {}, images, dataset="mnist", batch_size=3)
+    assert forgetting._features_fn(model, "mnist", None)._cache_size() == 1
 
 
 def test_penultimate_features_resnet_are_head_dense_input():
@@ -331,6 +335,8 @@ def test_relearn_steps_counts_like_a_naive_loop_and_caps():
     assert relearn(lr=3e-4, eval_every=4, **kwargs) == 4 * math.ceil(steps / 4)
     # Mixed batches (forget sample + as many retain images) also reach it, never sooner here.
     _, retain = data.forget_retain(split, [0])
+    # Every lr shares one compiled step per batch shape.
+    assert forgetting._relearn_step(model, "mnist", 0.9)[1]._cache_size() == 1
     mixed = relearn(lr=3e-4, retain_split=retain, **kwargs)
     assert steps <= mixed <= 40
 
