@@ -52,7 +52,7 @@ def run(
     model, params, state = tdu.from_linen(cnn, variables)  # detects training=False/True
     params, state, _ = _mnist.fit(model, params, state, train, epochs=epochs, seed=seed)
     # Conv_0 -> BatchNorm_0 etc., found from which module consumes which output.
-    pairs = tdu.linen_bn_pairs(model, params, state, x)
+    pairs = tdu.find_bn_pairs(model, params, state, x)
     config = tdu.UnlearnConfig(
         granularity="filter",
         top_k=12,

@@ -5,11 +5,11 @@ Run::
     TFDS_DATA_DIR=/path/to/tensorflow_datasets python -m examples.nnx_cnn
 
 ``tdu.from_nnx`` splits the module into a graphdef per mode (``.eval()`` / ``.train()``),
-params and BatchNorm statistics; the BatchNorm pairing is given explicitly (NNX names its
-layers by attribute, so ``conv1 -> bn1`` would also be found by name).
+params and BatchNorm statistics; ``tdu.find_bn_pairs`` finds which BatchNorm normalises
+which conv from the computation (``c1 -> n1``, ``c2 -> n2``; they could also be given
+explicitly as ``bn_pairs={"c1": "n1", "c2": "n2"}``).
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
 import tdu_jax as tdu
@@ -50,18 +50,19 @@ def run(
     train, evaluation = _mnist.load(num_train, num_eval, train_split, data_dir)
     model, params, state = tdu.from_nnx(CNN(nnx.Rngs(params=seed, dropout=seed + 1)))
     params, state, _ = _mnist.fit(model, params, state, train, epochs=epochs, seed=seed)
+    pairs = tdu.find_bn_pairs(model, params, state, _mnist.preprocess(train.images[:2]))
+    assert pairs == {"c1": "n1", "c2": "n2"}, pairs
     config = tdu.UnlearnConfig(
         granularity="filter",
         top_k=12,
         lam=1.0,
         dt=1.0,
         decay_steps=5,
-        bn_pairs=(("c1", "n1"), ("c2", "n2")),
+        bn_pairs=tuple(pairs.items()),
         finetune="after_all",
         finetune_batches=20,
         batch_size=64,
     )
-    assert jnp.ndim(params["c1"]["kernel"]) == 4
     return _mnist.forget_digit(
         model,
         params,

@@ -6,8 +6,8 @@ then units -> importance -> selection -> decay -> unlearning::
     import tdu_jax as tdu
 
     model, params, state = tdu.from_linen(cnn, variables)   # any call signature
-    spec = tdu.enumerate_units(params, "filter", bn_pairs=tdu.linen_bn_pairs(model, params,
-                                                                             state, images))
+    pairs = tdu.find_bn_pairs(model, params, state, images)  # Conv_0 -> BatchNorm_0
+    spec = tdu.enumerate_units(params, "filter", bn_pairs=pairs)
     imp = tdu.ablation_importance(model, params, state, images, labels, spec)
     top = tdu.select_top_k(imp, 10)
     params = tdu.apply_decay(params, tdu.unit_mask(params, spec, top), lam=0.1, dt=1.0, steps=7)
@@ -22,10 +22,12 @@ from tdu_jax.adapters import (
     Model,
     NNXModel,
     as_model,
+    find_bn_pairs,
     from_function,
     from_linen,
     from_nnx,
     linen_bn_pairs,
+    nnx_bn_pairs,
     preprocess_fn,
 )
 from tdu_jax.data import Split
@@ -59,12 +61,14 @@ __all__ = [
     "decay_step",
     "enumerate_units",
     "evaluate",
+    "find_bn_pairs",
     "fine_tune",
     "from_function",
     "from_linen",
     "from_nnx",
     "linen_bn_pairs",
     "naive_importance",
+    "nnx_bn_pairs",
     "predict",
     "preprocess_fn",
     "rank_units",

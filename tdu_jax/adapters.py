@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -366,3 +367,85 @@ def preprocess_fn(dataset: str | None = None, preprocess: Callable | None = None
     if dataset is not None:
         return _dataset_preprocess(dataset)
     return preprocess if preprocess is not None else _as_array
+
+
+@contextlib.contextmanager
+def _recording_calls(classes: tuple[type, ...], record: Callable) -> Any:
+    """Temporarily wraps ``cls.__call__`` of ``classes`` to ``record(module, input, output)``.
+
+    Class-level and restored on exit: used only inside one abstract trace (not thread-safe).
+    """
+    originals = {cls: cls.__dict__["__call__"] for cls in classes if "__call__" in cls.__dict__}
+
+    def wrap(original):
+        def call(self, x, *args, **kwargs):
+            out = original(self, x, *args, **kwargs)
+            record(self, x, out)
+            return out
+
+        return call
+
+    try:
+        for cls, original in originals.items():
+            cls.__call__ = wrap(original)
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+
+
+def nnx_bn_pairs(model: NNXModel, params: PyTree, state: PyTree, images: jax.Array) -> dict:
+    """BatchNorm pairing discovered from the computation of an NNX model.
+
+    As ``linen_bn_pairs``: an ``nnx.BatchNorm`` whose input is exactly the output of an
+    ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.ConvTranspose`` is paired with it. Runs one
+    abstract forward pass, recording those modules' calls.
+
+    Returns:
+      ``{layer name: BatchNorm name}`` with ``a/b`` paths in ``params``.
+    """
+    from flax import nnx
+
+    pairs: dict[str, str] = {}
+
+    def forward(p, s, x):
+        module = model._merge(model.eval_graphdef, p, s)
+        paths = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(module)}
+        outputs = []  # (layer path, output value)
+
+        def record(called, inputs, out):
+            if isinstance(called, nnx.BatchNorm):
+                for path, value in outputs:
+                    if value is inputs and id(called) in paths:
+                        pairs[path] = paths[id(called)]
+            elif id(called) in paths:
+                outputs.append((paths[id(called)], out))
+
+        classes = (nnx.Conv, nnx.Linear, nnx.ConvTranspose, nnx.BatchNorm)
+        with _recording_calls(classes, record):
+            return module(x)
+
+    jax.eval_shape(forward, params, state, jnp.asarray(images))
+    return pairs
+
+
+def find_bn_pairs(model: Any, params: PyTree, state: PyTree, images: jax.Array) -> dict:
+    """BatchNorm pairs ``{layer: BatchNorm}`` from the computation of a Linen or NNX model.
+
+    Args:
+      model: a Linen module or ``LinenModel`` (``linen_bn_pairs``) or an ``NNXModel``
+        (``nnx_bn_pairs``); a plain-function model must name its pairs explicitly.
+      params, state: the model's variables.
+      images: a batch of inputs (only shapes and dtypes are used).
+
+    Returns:
+      The pairing, ready for ``units.enumerate_units(..., bn_pairs=...)``.
+    """
+    if isinstance(model, NNXModel):
+        return nnx_bn_pairs(model, params, state, images)
+    if isinstance(model, nn.Module | LinenModel):
+        return linen_bn_pairs(model, params, state, images)
+    raise TypeError(
+        f"cannot discover BatchNorm pairs of a {type(model).__name__}; pass "
+        "bn_pairs={'layer': 'its_batchnorm', ...} to enumerate_units explicitly"
+    )

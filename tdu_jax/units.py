@@ -10,7 +10,7 @@ the chain stages of ``tdu_jax.models.layers``). Its units depend on the
   the BatchNorm channel a removed conv filter still emits the BN shift.
 
 BatchNorm pairing is explicit (``bn_pairs={"Conv_0": "BatchNorm_0"}``, e.g. discovered
-from a Linen model's computation by ``adapters.linen_bn_pairs``); layers not named
+from a Linen or NNX model's computation by ``adapters.find_bn_pairs``); layers not named
 there fall back to the sibling whose name swaps ``conv`` for ``bn`` (``conv1`` ->
 ``bn1``). A layer left unpaired while an unclaimed sibling normalisation of its
 width (``scale`` and ``bias``, no ``kernel``) exists is an error, never a silent loss.
@@ -215,7 +215,7 @@ def _check_pairing(params: PyTree, layers: list[Layer], bn_pairs: dict) -> None:
                 f"{', '.join(candidates)} has its width ({layer.out_channels}); without the "
                 "pair a removed filter keeps emitting the BatchNorm shift. Pass "
                 f"bn_pairs={{{layer.name!r}: {candidates[0]!r}}} (or None if it has no "
-                "BatchNorm; tdu_jax.adapters.linen_bn_pairs discovers pairs of a Linen "
+                "BatchNorm; tdu_jax.find_bn_pairs discovers the pairs of a Linen or NNX "
                 "model), or include_bn=False."
             )
 

@@ -156,7 +156,9 @@ def test_linen_bn_pairs_are_discovered_from_the_computation(batch):
     x, _ = batch
     model, params, state = tdu.from_linen(NoTrainCNN(), NoTrainCNN().init(jax.random.key(0), x))
     # Conv_1 (not Conv_0) feeds BatchNorm_0: names alone would pair them wrongly.
-    assert tdu.linen_bn_pairs(model, params, state, x) == {"Conv_1": "BatchNorm_0"}
+    assert tdu.find_bn_pairs(model, params, state, x) == {"Conv_1": "BatchNorm_0"}
+    bare = tdu.linen_bn_pairs(NoTrainCNN(), params, state["batch_stats"], x)
+    assert bare == {"Conv_1": "BatchNorm_0"}
 
 
 def test_unpaired_filter_with_a_norm_beside_it_is_an_error(batch):
@@ -205,7 +207,7 @@ def test_linen_adapter_importance_matches_naive(granularity, batch):
     x, y = batch
     module = NoTrainCNN()
     model, params, state = tdu.from_linen(module, module.init(jax.random.key(0), x))
-    pairs = tdu.linen_bn_pairs(model, params, state, x)
+    pairs = tdu.find_bn_pairs(model, params, state, x)
     spec = units.enumerate_units(params, granularity, bn_pairs=pairs)
     subset = None if granularity == "filter" else np.arange(0, spec.num_units, 5)
     fast = tdu.ablation_importance(model, params, state, x, y, spec, units=subset, unit_chunk=4)
@@ -244,6 +246,44 @@ def test_nnx_dropout_draws_from_the_given_rng(batch):
     assert not np.allclose(a, c)
     # Evaluation mode: no dropout, so equal to the dropout-free evaluation of the same params.
     chex.assert_trees_all_close(model.apply(params, state, x), model.apply(params, state, x))
+
+
+class NNXChain(nnx.Module):
+    """Layers in an nnx.List (integer keys); a ReLU between c2 and its norm: no pair."""
+
+    def __init__(self, rngs):
+        self.blocks = nnx.List([nnx.Conv(1, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)])
+        self.c2 = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.after_relu = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        x = self.after_relu(nnx.relu(self.c2(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_nnx_bn_pairs_are_discovered_from_the_computation(batch):
+    x, y = batch
+    model, params, state = tdu.from_nnx(NNXNet(nnx.Rngs(0)))
+    assert tdu.find_bn_pairs(model, params, state, x) == {"conv": "norm"}
+    call = nnx.Conv.__call__
+    model, params, state = tdu.from_nnx(NNXChain(nnx.Rngs(0)))
+    pairs = tdu.find_bn_pairs(model, params, state, x)
+    assert pairs == {"blocks/0": "blocks/1"}
+    assert nnx.Conv.__call__ is call  # the recording wrapper is gone
+    spec = units.enumerate_units(params, "filter", bn_pairs={**pairs, "c2": None})
+    assert [(layer.name, layer.bn_path) for layer in spec.layers] == [
+        ("blocks/0", ("blocks", 1)),
+        ("c2", None),
+        ("head", None),
+    ]
+    fast = tdu.ablation_importance(model, params, state, x, y, spec)
+    _assert_same(fast, tdu.naive_importance(model, params, state, x, y, spec))
+    fmodel, fparams, fstate = tdu.from_function(mlp_apply, _mlp_variables())
+    with pytest.raises(TypeError, match="bn_pairs"):
+        tdu.find_bn_pairs(fmodel, fparams, fstate, x)
 
 
 def test_nnx_filter_importance_matches_naive(batch):
