@@ -4,9 +4,6 @@ References are independent: the model's own ``apply`` / NNX call, ``naive_import
 (copy, zero the unit by ``unit_mask``, run the whole model) and hand-built masks.
 """
 
-import pathlib
-import re
-
 import chex
 import flax
 import flax.linen as nn
@@ -445,17 +442,3 @@ def test_second_identical_call_traces_nothing(batch):
     first = _count_traces(run_all)
     assert first > 0  # the listener sees traces at all
     assert _count_traces(run_all) == 0
-
-
-# ---------------------------------------------------------------- README
-@pytest.mark.slow  # ~25 s on the shared CPU; tests/readme_test.py also runs it by default
-def test_readme_library_snippet_runs(capsys):
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Library", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace = {"__name__": "readme_snippet"}
-    exec(compile(code, "README.md#library", "exec"), namespace)
-    result = namespace["result"]
-    assert [h["step"] for h in result.history][-1] == 7
-    assert result.selected.size == 2
-    assert "forget_acc" in capsys.readouterr().out

@@ -28,3 +28,16 @@ def test_example_forgets_its_digit(example, tfds_dir, capsys):
     assert np.unique(result["selected"]).size == 12
     printed = capsys.readouterr().out
     assert f"forget {after['forget_acc']:.2f}%" in printed
+
+
+def test_quickstart_runs_the_top_level_api(capsys):
+    """The random-data tour: the pipeline picks the units the step-by-step calls pick."""
+    from examples import quickstart
+
+    top, result = quickstart.main()
+    assert top.size == 2
+    np.testing.assert_array_equal(result.selected, top)
+    assert [h["step"] for h in result.history] == list(range(8))
+    assert result.finetune_batches == 5
+    assert result.spec.layers[0].bn_path == ("BatchNorm_0",)  # found from the computation
+    assert "forget_acc" in capsys.readouterr().out
