@@ -56,7 +56,7 @@ class Goal:
         return bool(value <= ref + self.bound)
 
 
-def _values(results: Sequence[dict], source: str, metric: str) -> list[float]:
+def values(results: Sequence[dict], source: str, metric: str) -> list[float]:
     out = []
     for r in results:
         v = (r.get(source) or {}).get(metric)
@@ -65,7 +65,7 @@ def _values(results: Sequence[dict], source: str, metric: str) -> list[float]:
     return out
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
     if not values:
         return "—"
     if len(values) == 1:
@@ -106,13 +106,14 @@ def forgetting_markdown(results: Sequence[dict], title: str, goals: Sequence[Goa
                   + " | gap (unlearned - retrained) | control separated |",
                   "|---|" + "---|" * (len(SOURCES) + 2)]  # fmt: skip
         for metric in METRICS:
-            cells = [_mean_std(_values(group, src, metric)) for src, _ in SOURCES]
-            gap = _mean_std(_values(group, "gap", metric))
+            cells = [mean_std(values(group, src, metric)) for src, _ in SOURCES]
+            gap = mean_std(values(group, "gap", metric))
             sep = [r["separates"][metric] for r in group if metric in (r.get("separates") or {})]
             sep_text = f"{sum(sep)}/{len(sep)}" if sep else "—"
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gap} | {sep_text} |")
-        cost = _mean_std(_values([{"c": {"v": r.get("cost_ratio")}} for r in group], "c", "v"))
-        lines += ["", f"cost_ratio (unlearning seconds / retraining seconds): {cost}"]
+        costs = values([{"c": {"v": r.get("cost_ratio")}} for r in group], "c", "v")
+        cost = mean_std([100.0 * c for c in costs])
+        lines += ["", f"cost_ratio (unlearning seconds / retraining seconds), in %: {cost}"]
         if goals:
             lines += ["", "| goal | met |", "|---|---|"]
             for goal in goals:
@@ -140,8 +141,8 @@ def plot_per_class(results: Sequence[dict], class_names: Sequence[str],
             if len(classes) != 1:
                 continue
             c = int(classes[0])
-            series[row].setdefault(c, []).extend(_values([r], "final", metric))
-            retrained.setdefault(c, []).extend(_values([r], "retrained", metric))
+            series[row].setdefault(c, []).extend(values([r], "final", metric))
+            retrained.setdefault(c, []).extend(values([r], "retrained", metric))
     names = list(series) + ["retrained"]
     width = 0.8 / max(1, len(names))
     x = np.arange(len(class_names))

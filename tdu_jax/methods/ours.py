@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdu_jax import data, train, unlearn
+from tdu_jax import calibrate, data, train, unlearn
 from tdu_jax.methods import base
 from tdu_jax.methods.base import MethodData, MethodResult, PyTree
 
@@ -34,6 +34,12 @@ class DecayConfig(NamedTuple):
 
     unlearn: unlearn.UnlearnConfig = unlearn.UnlearnConfig(evaluate_each_step=False)
     importance_fraction: float = 1.0
+    retain_sample_size: int = 1000  # retain images scored by importance_score="selective"
+    calibrate: bool = False  # size K and dt by the train-split sweep (tdu_jax.calibrate)
+    sweep_top_k: tuple = (300, 1000, 3000)
+    sweep_dt: tuple = (0.25, 0.5, 1.0)
+    sweep_forget_max: float = 5.0
+    sweep_retain_size: int = 10000
 
 
 class RetrainConfig(NamedTuple):
@@ -73,22 +79,46 @@ def decay(
     sample_key, run_key = jax.random.split(key)
     sample = data_in.forget_train
     if config.importance_fraction < 1.0:
-        seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
-        sample = data.random_fraction(sample, config.importance_fraction, seed)
+        sample = data.random_fraction(
+            sample,
+            config.importance_fraction,
+            int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max)),
+        )
+    seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
+    selective_score = config.unlearn.importance_score == "selective"
     unlearn_data = unlearn.UnlearnData(
         importance_sample=sample,
         retain_train=data_in.retain_train,
         test=base.empty_split(data_in.retain_train),
         forget_classes=tuple(data_in.forget_classes),
+        retain_sample=calibrate.retain_sample(data_in.retain_train, config.retain_sample_size, seed)
+        if selective_score
+        else None,
     )
+    ucfg, precomputed, sweep = config.unlearn, None, None
+    if config.calibrate and ucfg.decay_steps > 0:
+        # Importance first (no decay steps), then the sweep picks K and dt for this request.
+        precomputed, spec = unlearn.request_importance(
+            model, params, batch_stats, dataset=dataset, data_in=unlearn_data, config=ucfg
+        )
+        sweep = calibrate.sweep_decay(
+            model, params, batch_stats, dataset=dataset, forget_train=data_in.forget_train,
+            retain_train=calibrate.retain_sample(data_in.retain_train,
+                                                 config.sweep_retain_size, seed),
+            imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
+            dts=config.sweep_dt, lam=ucfg.lam, decay_steps=ucfg.decay_steps,
+            forget_max=config.sweep_forget_max,
+        )  # fmt: skip
+        ucfg = ucfg._replace(**sweep["chosen"])
     result = unlearn.unlearn(
         model,
         params,
         batch_stats,
         dataset=dataset,
         data_in=unlearn_data,
-        config=config.unlearn,
+        config=ucfg,
         key=run_key,
+        precomputed=precomputed,
     )
     info = {
         "gradient_steps": result.finetune_batches,
@@ -98,6 +128,7 @@ def decay(
         "importance_sample": sample.size,
         "finetune": config.unlearn.finetune,
         "timings": dict(result.timings),
+        "calibration": sweep,
         "seconds": timer.seconds(),
     }
     return MethodResult(result.params, result.batch_stats, info)

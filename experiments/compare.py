@@ -1,0 +1,221 @@
+"""Compare unlearning methods on one harness: same base model, data, metrics and gold standard.
+
+    python -m experiments.compare --dataset=mnist --forget_classes=0,7 --seeds=0,1,2
+    python -m experiments.compare --dataset=cifar10 --forget_classes=ship \\
+        --methods=decay,ft,ga,neggrad_plus,rl,l1_sparse,ssd,salun,scrub,retrain \\
+        --seeds=0,1,2 --compute_dtype=bfloat16          # GPU
+    python -m experiments.compare --dataset=mnist --forget_classes=3 --seeds=0 \\
+        --max_train_examples=2000 --max_test_examples=500 --train_epochs=1   # CPU smoke
+
+Per seed one base model (trained once, reused from <workdir>/compare/base); per
+(method, forget class, seed) one cell ``<workdir>/compare/<method>-<class>-seed<seed>/
+result.json`` with the method's wall seconds and gradient steps and every forgetting
+metric of experiments/gold.py beside the retrained model's (the ``retrain`` cell *is* the
+gold standard). Rerunning skips finished cells. Writes compare.json, compare.md and plots:
+forget vs retain accuracy with the retrained point, MIA bars, cost bars.
+
+Hyper-parameters: each method's documented defaults (tdu_jax/methods), scaled to the
+dataset (``method_configs``); ``decay`` sizes K and dt per request on the training split
+(``--calibrate``, on by default) with lambda, T and fine-tuning of ``--preset`` (default: the
+after-each-step row, L4 on MNIST and C7 on CIFAR-10).
+"""
+
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import cifar_ship, common, gold, mnist_lenet
+from tdu_jax import data, methods, report, train
+from tdu_jax import forgetting_report as fr
+from tdu_jax.methods import finetune, ours, salun, scrub, ssd
+
+flags.DEFINE_enum("dataset", "mnist", list(data.DATASETS), "Dataset (and its model defaults).")
+flags.DEFINE_string("methods", ",".join(methods.METHODS), "Comma list of methods.")
+flags.DEFINE_string("forget_classes", None, "Comma list of classes, each forgotten alone "
+                    "(default: the dataset's --forget_class); 'all' for every class.")  # fmt: skip
+flags.DEFINE_string("seeds", "0", "Comma list of seeds.")
+FLAGS = flags.FLAGS
+
+
+def method_configs(cfg: dict, retain_size: int) -> dict:
+    """Each method's config for this dataset: the documented defaults, with the dataset's
+    batch size, augmentation and (for decay and retrain) the entry point's settings."""
+    aug, batch = cfg["augment"], 256
+    ucfg = common.unlearn_config(cfg, retain_size)._replace(evaluate_each_step=False)
+    return {
+        "retrain": ours.RetrainConfig(optimizer=common.base_optimizer(cfg),
+                                      epochs=cfg["train_epochs"],
+                                      batch_size=cfg["train_batch_size"], augment=aug),
+        "decay": ours.DecayConfig(
+            unlearn=ucfg, importance_fraction=cfg["importance_fraction"],
+            retain_sample_size=cfg["retain_sample_size"], calibrate=cfg["calibrate"],
+            sweep_top_k=tuple(cfg["sweep_top_k"]), sweep_dt=tuple(cfg["sweep_dt"]),
+            sweep_forget_max=cfg["sweep_forget_max"]),
+        "ft": finetune.FTConfig(batch_size=batch, augment=aug),
+        "ga": finetune.GAConfig(batch_size=batch, augment=aug),
+        "neggrad_plus": finetune.NegGradPlusConfig(batch_size=batch, augment=aug),
+        "rl": finetune.RLConfig(batch_size=batch, augment=aug),
+        "l1_sparse": finetune.L1SparseConfig(batch_size=batch, augment=aug),
+        "ssd": ssd.SSDConfig(),
+        "salun": salun.SalUnConfig(batch_size=batch, augment=aug),
+        "scrub": scrub.ScrubConfig(augment=aug),
+    }  # fmt: skip
+
+
+def cell_dir(cfg: dict, method: str, classes: list[int], seed: int) -> pathlib.Path:
+    name = "+".join(data.class_names(cfg["dataset"])[c] for c in classes)
+    return pathlib.Path(cfg["workdir"]) / f"{method}-{name}-seed{seed}"
+
+
+def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> dict:
+    """One method on one request: run it, then the forgetting report against retrained."""
+    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    if method == "retrain":
+        refs = gold.reference_metrics(cfg, model, params, bs, train_split, test_split)
+        final = {k: v for k, v in refs["retrained"].items()}
+        seconds = final["train_seconds"]
+        steps = int(np.ceil(retain.size / mcfg.batch_size)) * mcfg.epochs
+        info = {"seconds": seconds, "gradient_steps": steps, "retain_batches": steps}
+        out = {"final": final, "retrained": refs["retrained"], "base_metrics": refs["base"],
+               "control": refs["control"], "separates": refs["separates"],
+               "gap": gold.gap(final, refs["retrained"]), "cost_ratio": 1.0}  # fmt: skip
+    else:
+        data_in = methods.MethodData(forget, retain, tuple(cfg["forget_class"]),
+                                     data.num_classes(cfg["dataset"]))  # fmt: skip
+        key = jax.random.fold_in(jax.random.key(cfg["seed"]), 11)
+        start = time.perf_counter()
+        result = methods.run_method(method, model, params, bs, data_in, key, mcfg,
+                                    dataset=cfg["dataset"])  # fmt: skip
+        info = {k: v for k, v in result.info.items() if k != "calibration"}
+        info["seconds"] = time.perf_counter() - start
+        out = gold.compare(cfg, model, params, bs, result.params, result.batch_stats,
+                           train_split, test_split, info["seconds"])  # fmt: skip
+        out["final"] = out.pop("final_metrics")
+        out["calibration"] = result.info.get("calibration")
+    return {"row": method, "method": method, "config": common._public(cfg),
+            "method_config": report.to_jsonable(mcfg._asdict()), "info": info, **out}  # fmt: skip
+
+
+def write_outputs(workdir: pathlib.Path, cells: list[dict], dataset: str, partial: bool) -> None:
+    report.write_json_atomic(workdir / "compare.json", {"partial": partial, "cells": cells})
+    text = fr.forgetting_markdown(cells, f"Methods compared on {dataset}", partial=partial)
+    report.write_text_atomic(workdir / "compare.md", table_markdown(cells, partial) + "\n" + text)
+    plot_compare(cells, workdir)
+
+
+def table_markdown(cells: list[dict], partial: bool) -> str:
+    """One line per method: means over requests of accuracy, attacks, cost."""
+    keys = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery",
+            "relearn_steps")  # fmt: skip
+    head = ["method", "requests", *keys, "gradient steps", "seconds", "cost_ratio"]
+    lines = ["## Methods: mean ± std over requests" + (" (PARTIAL)" if partial else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for method, group in fr.group_by_row(cells).items():
+        cols = [fr.mean_std(fr.values(group, "final", k)) for k in keys]
+        steps = fr.mean_std(fr.values(group, "info", "gradient_steps"))
+        secs = fr.mean_std(fr.values(group, "info", "seconds"))
+        cost = fr.mean_std([c["cost_ratio"] for c in group if c.get("cost_ratio") is not None])
+        lines.append(f"| {method} | {len(group)} | " + " | ".join(cols)
+                     + f" | {steps} | {secs} | {cost} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(cells: list[dict], workdir: pathlib.Path) -> None:
+    groups = fr.group_by_row(cells)
+    fig = report._figure(figsize=(6.0, 4.0), layout="tight")
+    ax = fig.add_subplot()
+    for method, group in groups.items():
+        f = fr.values(group, "final", "forget_acc")
+        r = fr.values(group, "final", "retain_acc")
+        ax.scatter(f, r, label=method, marker="*" if method == "retrain" else "o")
+    ax.set_xlabel("forget accuracy (%)")
+    ax.set_ylabel("retain accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    report._save_figure(fig, workdir / "forget_vs_retain.png")
+    names = list(groups)
+    for what, source, keys, path in (
+        ("MIA (%)", "final", ("mia_svc", "mia_entropy"), "mia.png"),
+        ("cost ratio (vs retrain)", None, ("cost_ratio",), "cost.png"),
+    ):
+        fig = report._figure(figsize=(max(6.0, 0.8 * len(names)), 3.6), layout="tight")
+        ax = fig.add_subplot()
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            heights = []
+            for name in names:
+                vals = (fr.values(groups[name], source, key) if source else
+                        [c[key] for c in groups[name] if c.get(key) is not None])  # fmt: skip
+                heights.append(float(np.mean(vals)) if vals else np.nan)
+            ax.bar(np.arange(len(names)) + i * width - 0.4 + width / 2, heights, width,
+                   label=key)  # fmt: skip
+        ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+        report._save_figure(fig, workdir / path)
+
+
+def parse_args(cfg: dict) -> tuple[list[str], list[list[int]], list[int]]:
+    names = FLAGS.methods.split(",")
+    for name in names:
+        if name not in methods.METHODS:
+            raise ValueError(f"--methods: {name!r} is not one of {', '.join(methods.METHODS)}")
+    text = FLAGS.forget_classes
+    if text is None:
+        requests = [list(cfg["forget_class"])]
+    elif text == "all":
+        requests = [[c] for c in range(data.num_classes(cfg["dataset"]))]
+    else:
+        try:
+            requests = [[c] for c in data.parse_classes(cfg["dataset"], text)]
+        except ValueError as e:
+            raise ValueError(f"--forget_classes: {e} (or 'all')") from None
+    try:
+        seeds = [int(s) for s in FLAGS.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
+    return names, requests, seeds
+
+
+def main(argv):
+    del argv
+    defaults = mnist_lenet.DEFAULTS if FLAGS.dataset == "mnist" else cifar_ship.DEFAULTS
+    with common.bad_input():
+        cfg = common.config_from_flags(FLAGS.dataset, defaults)
+        if cfg["row"] is None:  # decay's fine-tuning: the reference's after-each-step row
+            cfg = common.validate_config(
+                common.apply_preset(cfg, "L4" if FLAGS.dataset == "mnist" else "C7")
+            )
+        cfg["workdir"] = str(pathlib.Path(cfg["workdir"]) / "compare")
+        names, requests, seeds = parse_args(cfg)
+        train.validate_optimizer_config(common.base_optimizer(cfg))
+    workdir = pathlib.Path(cfg["workdir"])
+    cells = []
+    for seed in seeds:
+        seed_cfg = {**cfg, "seed": seed}
+        train_split, test_split, model, params, bs, _ = common.prepare_base(seed_cfg)
+        for classes in requests:
+            req = {**seed_cfg, "forget_class": classes, "compare_retrain": True}
+            _, retain = data.forget_retain(train_split, classes)
+            configs = method_configs(req, retain.size)
+            for name in names:
+                path = cell_dir(req, name, classes, seed) / "result.json"
+                if path.exists():
+                    logging.info("Skipping finished cell %s", path.parent.name)
+                    cells.append(report.read_json(path))
+                    continue
+                logging.info("Method %s, forget %s, seed %d", name, classes, seed)
+                cell = run_cell(req, name, configs[name], model, params, bs, train_split,
+                                test_split)  # fmt: skip
+                report.write_json_atomic(path, cell)
+                cells.append(cell)
+                write_outputs(workdir, cells, cfg["dataset"], partial=True)
+    write_outputs(workdir, cells, cfg["dataset"], partial=False)
+    print((workdir / "compare.md").read_text())
+
+
+if __name__ == "__main__":
+    common.define_flags(**{**mnist_lenet.DEFAULTS, "compare_retrain": True})
+    app.run(main)
