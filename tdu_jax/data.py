@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import pathlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -250,6 +251,89 @@ def _is_prepared(data_dir: str, dataset: str) -> bool:
     if not root.is_dir():
         return False
     return any((v / "dataset_info.json").is_file() for v in root.iterdir() if v.is_dir())
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is neither prepared where it was looked for nor downloadable from here."""
+
+
+# Host of TFDS's MNIST / CIFAR-10 download URLs, probed to tell "offline" from "will download".
+_DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+def default_tfds_dir() -> str:
+    """TFDS's own default data directory, used when neither `data_dir` nor $TFDS_DATA_DIR is set."""
+    return os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+
+
+def network_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to TFDS's download host opens within `timeout` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection(_DOWNLOAD_PROBE, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_available(
+    dataset: str,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    *,
+    online: Callable[[], bool] = network_reachable,
+) -> str:
+    """Checks, before any work, that `load_split` will find both splits of `dataset`.
+
+    Looks where `load_split` looks, in its order: the `.npz` cache, then the TFDS directory
+    (`data_dir`, else $TFDS_DATA_DIR, else TFDS's default, which may be downloaded into).
+
+    Args:
+      dataset: "mnist" or "cifar10".
+      data_dir: TFDS data directory as given to `load_split` (None: $TFDS_DATA_DIR / default).
+      cache_dir: `.npz` cache directory as given to `load_split` (None: $TDU_JAX_CACHE_DIR).
+      online: called only when a download would be needed; True if the download host answers.
+
+    Returns:
+      A short description of where the data will come from.
+
+    Raises:
+      DataNotFoundError: one line naming every directory searched and how to point
+        $TFDS_DATA_DIR / --data_dir at prepared data.
+    """
+    dataset = check_dataset(dataset)
+    cache = _resolve_cache_dir(cache_dir)
+    if cache and all(npz_cache_path(cache, dataset, s).is_file() for s in SPLITS):
+        return f"npz cache {cache}"
+    explicit = resolve_data_dir(data_dir)
+    if explicit is not None and "://" in explicit:
+        return f"TFDS {explicit}"  # remote (e.g. gs://): only TFDS itself can tell
+    directory = explicit or default_tfds_dir()
+    if _is_prepared(directory, dataset):
+        return f"TFDS {directory}"
+    searched = [f"{os.path.join(directory, dataset)} ({_dir_origin(data_dir)})"]
+    if cache:
+        searched.append(f"{cache} (${CACHE_DIR_ENV}, {dataset}-*.npz)")
+    if explicit is None:
+        has_tfds = importlib.util.find_spec("tensorflow_datasets") is not None
+        if has_tfds and online():
+            return f"TFDS download into {directory}"
+        why = "no network to download it" if has_tfds else "tensorflow-datasets is not installed"
+    else:
+        why = "nothing is downloaded into a given directory"
+    raise DataNotFoundError(
+        f"No prepared {dataset!r} data found and {why}; searched: {'; '.join(searched)}. "
+        f"Point ${DATA_DIR_ENV} or --data_dir at a TFDS data directory that holds "
+        f"{dataset}/<version>/dataset_info.json (e.g. export "
+        f"{DATA_DIR_ENV}=/path/to/tensorflow_datasets), or prepare it once online."
+    )
+
+
+def _dir_origin(data_dir: str | None) -> str:
+    if data_dir:
+        return "--data_dir"
+    return f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "TFDS default"
 
 
 def _load_tfds(dataset: str, split: str, data_dir: str | None) -> Split:

@@ -201,7 +201,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
-def _save_figure(fig: Any, path: str | os.PathLike) -> None:
+PARTIAL_MARK = "PARTIAL: run not finished"
+
+
+def _save_figure(fig: Any, path: str | os.PathLike, partial: bool = False) -> None:
+    if partial:  # an unfinished table must not pass for a final one
+        fig.suptitle(PARTIAL_MARK, color="tab:red", fontweight="bold")
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
@@ -433,11 +438,14 @@ def _history_series(result: dict, key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
-def plot_history(results: Sequence[dict], path: str | os.PathLike) -> None:
+def plot_history(
+    results: Sequence[dict], path: str | os.PathLike, *, partial: bool = False
+) -> None:
     """PNG of forget and retain accuracy (%) vs. decay step, one line per row.
 
     Two panels (forget, retain); rows with no per-step accuracies (history entries without
-    accuracy keys, or only NaN) are left out of a panel; an empty panel says so.
+    accuracy keys, or only NaN) are left out of a panel; an empty panel says so. ``partial``
+    titles the figure ``PARTIAL_MARK`` (the table is not finished).
     """
     fig = _figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -458,13 +466,14 @@ def plot_history(results: Sequence[dict], path: str | os.PathLike) -> None:
             ax.text(
                 0.5, 0.5, "no per-step accuracies", ha="center", va="center", transform=ax.transAxes
             )
-    _save_figure(fig, path)
+    _save_figure(fig, path, partial)
 
 
-def plot_bars(results: Sequence[dict], path: str | os.PathLike) -> None:
+def plot_bars(results: Sequence[dict], path: str | os.PathLike, *, partial: bool = False) -> None:
     """PNG grouped bar chart: per row, ours forget/retain beside the reference forget/retain.
 
-    Missing values leave a gap; seed results get ± std error bars.
+    Missing values leave a gap; seed results get ± std error bars. ``partial`` titles the
+    figure ``PARTIAL_MARK`` (the table is not finished).
     """
     rows = summary_rows(results)
     fig = _figure(figsize=(max(6.0, 1.1 * len(rows) + 2.0), 4.5), layout="constrained")
@@ -502,7 +511,7 @@ def plot_bars(results: Sequence[dict], path: str | os.PathLike) -> None:
     ax.legend(fontsize="small", ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     if not rows:
         ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    _save_figure(fig, path)
+    _save_figure(fig, path, partial)
 
 
 def plot_importance(

@@ -1,5 +1,6 @@
 """Tests for tdu_jax.data (real MNIST / CIFAR-10 from the offline TFDS directory)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -449,3 +450,62 @@ def test_augment_cifar_deterministic_per_key(tfds_dir):
     f = data.augment_cifar(jax.random.key(5), images.astype(jnp.float32))
     assert f.dtype == jnp.float32
     np.testing.assert_array_equal(f, a.astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# check_available: where data is looked for, before any work.
+
+
+def _offline():
+    return False
+
+
+def _must_not_probe():
+    raise AssertionError("the network must not be probed when data is found")
+
+
+def test_check_available_finds_prepared_dirs(tfds_dir, tmp_path, monkeypatch):
+    assert data.check_available("mnist", tfds_dir, online=_must_not_probe) == f"TFDS {tfds_dir}"
+    monkeypatch.setenv(data.DATA_DIR_ENV, tfds_dir)
+    assert data.check_available("cifar10", online=_must_not_probe) == f"TFDS {tfds_dir}"
+    # The TFDS default directory (~/tensorflow_datasets) counts when nothing is given.
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tensorflow_datasets").symlink_to(tfds_dir)
+    where = data.check_available("mnist", online=_must_not_probe)
+    assert where == f"TFDS {tmp_path / 'tensorflow_datasets'}"
+
+
+def test_check_available_npz_cache_needs_both_splits(tmp_path, monkeypatch):
+    empty = str(tmp_path / "empty")
+    split = data.Split(np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int32))
+    data.save_npz_cache(split, data.npz_cache_path(tmp_path, "mnist", "train"))
+    with pytest.raises(data.DataNotFoundError, match="mnist-\\*.npz"):
+        data.check_available("mnist", empty, cache_dir=str(tmp_path), online=_offline)
+    data.save_npz_cache(split, data.npz_cache_path(tmp_path, "mnist", "test"))
+    where = data.check_available("mnist", empty, cache_dir=str(tmp_path), online=_must_not_probe)
+    assert where == f"npz cache {tmp_path}"
+
+
+def test_check_available_offline_names_searched_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.check_available("mnist", online=_offline)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path / "tensorflow_datasets" / "mnist") in message
+    assert "TFDS_DATA_DIR" in message and "--data_dir" in message
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        assert "tensorflow-datasets is not installed" in message
+        return
+    assert "no network" in message
+    # Online: TFDS may download into its default directory.
+    assert data.check_available("mnist", online=lambda: True).startswith("TFDS download into")
+
+
+def test_check_available_given_dir_never_downloads(tmp_path):
+    calls = []
+    with pytest.raises(data.DataNotFoundError, match="--data_dir") as info:
+        data.check_available("cifar10", str(tmp_path / "nope"), online=lambda: calls.append(1))
+    assert str(tmp_path / "nope" / "cifar10") in str(info.value)
+    assert not calls  # nothing is downloaded into a given directory, so no probe either
