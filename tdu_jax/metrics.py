@@ -48,6 +48,17 @@ def _eval_fn(model: Any, preprocess: Callable, output: str) -> Callable:
     return jax.jit(fn)
 
 
+_WIDTHS: dict = {}  # (eval fn, image shape, dtype) -> number of model outputs
+
+
+def _output_width(fn: Callable, params: PyTree, batch_stats: PyTree, images: np.ndarray) -> int:
+    """C of the model's (1, C) logits, by an abstract pass made once per fn and input shape."""
+    key = (fn, np.shape(images)[1:], np.asarray(images).dtype)
+    if key not in _WIDTHS:
+        _WIDTHS[key] = int(jax.eval_shape(fn, params, batch_stats, images).shape[-1])
+    return _WIDTHS[key]
+
+
 def _batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     """Applies `fn` to fixed-size batches of `arrays` (last one zero-padded), concatenated."""
     n = int(arrays[0].shape[0])
@@ -257,8 +268,9 @@ def evaluate(
     if num_classes is None and dataset is not None:
         num_classes = data.num_classes(dataset)
     elif num_classes is None:
-        fn = _fn(model, dataset, preprocess, "logits")
-        num_classes = jax.eval_shape(fn, params, batch_stats, split.images[:1]).shape[-1]
+        num_classes = _output_width(
+            _fn(model, dataset, preprocess, "logits"), params, batch_stats, split.images[:1]
+        )
     per_class = per_class_accuracy(predictions, split.labels, num_classes)
     result["per_class"] = [float(a) for a in per_class]
     return {prefix + k: v for k, v in result.items()}

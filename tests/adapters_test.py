@@ -428,6 +428,9 @@ def test_second_identical_call_traces_nothing(batch):
         fspec = units.enumerate_units(fparams, "weight")
         tdu.ablation_importance(fmodel, fparams, fstate, x, y, fspec, unit_chunk=16)
         tdu.predict(fmodel, fparams, fstate, np.asarray(x))
+        tdu.evaluate(
+            fmodel, fparams, fstate, data.Split(np.asarray(x), np.asarray(y)), forget_classes=(0,)
+        )
         tdu.fine_tune(
             model,
             params,
