@@ -57,7 +57,7 @@ class Importance(NamedTuple):
 
     units: np.ndarray  # int64 (U,)
     accuracy_drop: np.ndarray  # float64 (U,), percentage points
-    loss_increase: np.ndarray  # float64 (U,), nats of mean cross-entropy
+    loss_increase: np.ndarray  # float64 (U,), rise of the mean loss (cross-entropy: nats)
     base_accuracy: float  # percent on the sample
     base_loss: float
     sample_size: int
