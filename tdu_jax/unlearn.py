@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdu_jax import data, decay, importance, metrics, train, units
+from tdu_jax import adapters, data, decay, importance, metrics, selective, train, units
 
 PyTree = Any
 FINETUNE_MODES = ("none", "after_all", "after_each")
@@ -38,6 +38,7 @@ class UnlearnConfig(NamedTuple):
     include: str | None = None  # regex over layer names whose units may be chosen
     exclude: str | None = None
     include_bn: bool = True  # filter units take the paired BatchNorm channel too
+    bn_pairs: tuple[tuple[str, str | None], ...] | None = None  # explicit (layer, BN) pairs
     finetune: str = "none"  # "none" | "after_all" | "after_each"
     finetune_batches: int = 0  # after_all: in total; after_each: after every step
     finetune_optimizer: train.OptimizerConfig = DEFAULT_FINETUNE_OPTIMIZER
@@ -46,6 +47,8 @@ class UnlearnConfig(NamedTuple):
     evaluate_each_step: bool = True
     unit_chunk: int = 256
     sample_batch: int = 1024
+    importance_score: str = "forget"  # "forget" | "selective" (see tdu_jax.selective)
+    selective_beta: float = 1.0  # weight of the retain-sample drop in the selective score
 
 
 class UnlearnData(NamedTuple):
@@ -55,6 +58,7 @@ class UnlearnData(NamedTuple):
     retain_train: data.Split
     test: data.Split
     forget_classes: tuple[int, ...]
+    retain_sample: data.Split | None = None  # importance_score="selective": retain-class sample
 
 
 class UnlearnResult(NamedTuple):
@@ -71,6 +75,9 @@ class UnlearnResult(NamedTuple):
 def validate_unlearn_config(config: UnlearnConfig, num_units: int | None = None) -> None:
     """Raises ValueError naming the bad setting and its allowed values."""
     units.check_granularity(config.granularity)
+    selective.check_importance_score(config.importance_score)
+    if not config.selective_beta >= 0:
+        raise ValueError(f"selective_beta must be >= 0; got {config.selective_beta}")
     if config.selection not in decay.SELECTIONS:
         raise ValueError(
             f"selection must be one of {', '.join(decay.SELECTIONS)}; got {config.selection!r}"
@@ -110,12 +117,14 @@ def unlearn(
     params: PyTree,
     batch_stats: PyTree,
     *,
-    dataset: str,
+    dataset: str | None = None,
     data_in: UnlearnData,
     config: UnlearnConfig,
     key: jax.Array,
     event: Event | None = None,
     precomputed: importance.Importance | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: Callable | None = None,
 ) -> UnlearnResult:
     """Runs one unlearning configuration from a trained model.
 
@@ -123,28 +132,41 @@ def unlearn(
       model: the Flax model (``stages()`` gives the fast importance path).
       params: trained params (not modified).
       batch_stats: BatchNorm statistics ({} if none); fine-tuning updates them.
-      dataset: dataset name (normalisation).
+      dataset: dataset name (normalisation of uint8 images), or None with ``preprocess``
+        (or neither: the splits hold model inputs, e.g. float images).
       data_in: importance sample, retain train set, test split, forget classes.
       config: the run's settings.
       key: PRNG key (random-K selection and fine-tune batch order).
       event: optional ``event(phase, info)`` hook for progress reporting.
       precomputed: importance of all units of ``params`` on this sample, to reuse
         across runs (ignored by random selection; re-estimation still recomputes).
+      preprocess: images -> model inputs, instead of ``dataset``.
+      loss_fn: per-example ``loss_fn(logits, labels)`` for importance and fine-tuning
+        (default: cross-entropy).
 
     Returns:
       ``UnlearnResult``; history entries hold ``step``, ``finetune_batches`` and, when
       ``evaluate_each_step``, ``forget_acc``/``retain_acc``/``test_acc`` (% on test).
     """
     spec = units.enumerate_units(
-        params, config.granularity, config.include, config.exclude, config.include_bn
+        params,
+        config.granularity,
+        config.include,
+        config.exclude,
+        config.include_bn,
+        bn_pairs=config.bn_pairs,
     )
     validate_unlearn_config(config, spec.num_units)
     if data_in.importance_sample.size == 0 and config.selection == "topk":
         raise ValueError("importance sample is empty")
+    if config.importance_score == "selective" and config.selection == "topk":
+        if data_in.retain_sample is None or data_in.retain_sample.size == 0:
+            raise ValueError("importance_score=selective needs a non-empty retain_sample")
     emit = event or (lambda phase, info: None)
     select_key, finetune_key = jax.random.split(key)
     timings = dict.fromkeys(("importance", "decay", "finetune", "eval"), 0.0)
-    sample_x = data.to_float(data_in.importance_sample.images, dataset)
+    prep = adapters.preprocess_fn(dataset, preprocess)
+    sample_x = prep(data_in.importance_sample.images)
     sample_y = np.asarray(data_in.importance_sample.labels, np.int32)
     history: list[dict] = []
     spent = 0
@@ -160,11 +182,28 @@ def unlearn(
                 data_in.test,
                 dataset=dataset,
                 forget_classes=data_in.forget_classes,
+                preprocess=preprocess,
             )
             record.update({k: acc[k] for k in ("forget_acc", "retain_acc", "test_acc")})
             timings["eval"] += time.perf_counter() - start
         history.append(record)
         emit("step", record)
+
+    def score(images_x, labels_y) -> importance.Importance:
+        return importance.ablation_importance(
+            model,
+            params,
+            batch_stats,
+            images_x,
+            labels_y,
+            spec,
+            unit_chunk=config.unit_chunk,
+            sample_batch=config.sample_batch,
+            loss_fn=loss_fn,
+            progress=lambda done, total, s: emit(
+                "importance", {"done": done, "total": total, "seconds": s}
+            ),
+        )
 
     def select(reuse: bool) -> tuple[np.ndarray, importance.Importance | None]:
         if config.selection == "random":
@@ -174,19 +213,13 @@ def unlearn(
                 raise ValueError("precomputed importance does not cover every unit of params")
             return decay.select_top_k(precomputed, config.top_k), precomputed
         start = time.perf_counter()
-        imp = importance.ablation_importance(
-            model,
-            params,
-            batch_stats,
-            sample_x,
-            sample_y,
-            spec,
-            unit_chunk=config.unit_chunk,
-            sample_batch=config.sample_batch,
-            progress=lambda done, total, s: emit(
-                "importance", {"done": done, "total": total, "seconds": s}
-            ),
-        )
+        imp = score(sample_x, sample_y)
+        if config.importance_score == "selective":
+            retain_x = prep(data_in.retain_sample.images)
+            retain_y = np.asarray(data_in.retain_sample.labels, np.int32)
+            imp = selective.selective_importance(
+                imp, score(retain_x, retain_y), config.selective_beta
+            )
         timings["importance"] += time.perf_counter() - start
         return decay.select_top_k(imp, config.top_k), imp
 
@@ -207,6 +240,8 @@ def unlearn(
             key=finetune_key,
             augment=config.augment,
             start_batch=spent,
+            preprocess=preprocess,
+            loss_fn=loss_fn,
             progress=lambda done, total, m: emit("finetune", {"done": done, "total": total, **m}),
         )
         spent += num_batches
@@ -231,6 +266,33 @@ def unlearn(
         finetune(config.finetune_batches)
         evaluate(config.decay_steps)
     return UnlearnResult(params, batch_stats, selected, imp, spec, history, spent, timings)
+
+
+def request_importance(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    *,
+    dataset: str | None,
+    data_in: UnlearnData,
+    config: UnlearnConfig,
+    preprocess: Callable | None = None,
+    loss_fn: Callable | None = None,
+) -> tuple[importance.Importance, units.UnitSpec]:
+    """Importance of every unit for the request (``config.importance_score``) and the unit spec.
+
+    The pipeline's own scoring, run once with one no-op decay step (lambda = 0), so a caller
+    can size the decay (``tdu_jax.calibrate``) before the real run reuses it (``precomputed``).
+    """
+    scoring = config._replace(
+        decay_steps=1, lam=0.0, selection="topk", reestimate=False, finetune="none",
+        finetune_batches=0, evaluate_each_step=False, top_k=1,
+    )  # fmt: skip
+    result = unlearn(
+        model, params, batch_stats, dataset=dataset, data_in=data_in, config=scoring,
+        key=jax.random.key(0), preprocess=preprocess, loss_fn=loss_fn,
+    )  # fmt: skip
+    return result.importance, result.spec
 
 
 def retrain_from_scratch(
