@@ -74,6 +74,7 @@ def get_retrained_model(cfg: dict, model, train_split: data.Split):
         model, retain, dataset=cfg["dataset"], config=common.base_optimizer(cfg),
         epochs=cfg["train_epochs"], batch_size=min(cfg["train_batch_size"], retain.size),
         key=jax.random.key(cfg["seed"]), augment=cfg["augment"],
+        progress=common.Progress("retrain", 10.0),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     checkpoint.save_model(directory, params, batch_stats, rcfg, overwrite=False)

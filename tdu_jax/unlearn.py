@@ -305,8 +305,14 @@ def retrain_from_scratch(
     batch_size: int,
     key: jax.Array,
     augment: bool = False,
+    progress: train.ProgressFn | None = None,
 ) -> tuple[PyTree, PyTree, list[dict]]:
-    """The gold standard: a fresh model trained on the retain set only."""
+    """The gold standard: a fresh model trained on the retain set only.
+
+    ``key`` splits as the base model's does (init, then training), so with the base model's
+    seed the retrained model starts from the same initialisation. Returns (params,
+    batch_stats, per-epoch history); ``progress`` as in ``train.train``.
+    """
     from tdu_jax import models  # local: models is a package of its own
 
     init_key, train_key = jax.random.split(key)
@@ -322,6 +328,7 @@ def retrain_from_scratch(
         batch_size=batch_size,
         key=train_key,
         augment=augment,
+        progress=progress,
     )
 
 
