@@ -6,9 +6,15 @@ sees typed arguments only.
 """
 
 import contextlib
+import functools
+import hashlib
+import logging as std_logging
 import os
 import pathlib
 import platform
+import re
+import sys
+import threading
 import time
 
 import flax
@@ -19,8 +25,21 @@ import optax
 from absl import app, flags, logging
 
 import tdu_jax
-from experiments import presets
-from tdu_jax import checkpoint, data, decay, metrics, models, report, train, units, unlearn
+from experiments import importance_cache, presets
+from tdu_jax import (
+    calibrate,
+    checkpoint,
+    data,
+    decay,
+    importance,
+    metrics,
+    models,
+    report,
+    selective,
+    train,
+    units,
+    unlearn,
+)
 
 FLAGS = flags.FLAGS
 
@@ -67,6 +86,9 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_string("workdir", "runs", "Where base models and results go.")
     flags.DEFINE_string("run_name", None, "Result folder name (default: preset-seed).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing result of another config.")
+    flags.DEFINE_bool("retrain_base", False, "Train the base model anew, replacing a saved one.")
+    flags.DEFINE_float("min_base_acc", -1.0, "Refuse a base model below this test accuracy "
+                       "(%); -1: twice chance (20% for 10 classes); 0: accept any.")  # fmt: skip
     flags.DEFINE_integer("train_epochs", d["train_epochs"], "Base model epochs.")
     flags.DEFINE_integer("train_batch_size", 128, "Base model batch size.")
     flags.DEFINE_enum("train_optimizer", d["train_optimizer"], ["sgd", "adam"], "Base optimizer.")
@@ -80,9 +102,29 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_integer("max_train_examples", 0, "Use only the first N train images (0: all).")
     flags.DEFINE_integer("max_test_examples", 0, "Use only the first N test images (0: all).")
     flags.DEFINE_integer("unit_chunk", d.get("unit_chunk", 256), "Units per importance call.")
-    flags.DEFINE_integer("sample_batch", 1024, "Images per importance call.")
+    flags.DEFINE_integer("sample_batch", d.get("sample_batch", 1024),
+                         "Images per importance call (with --unit_chunk, bounds memory).")
     flags.DEFINE_bool("evaluate_each_step", True, "Evaluate on test after every decay step.")
+    flags.DEFINE_enum("importance_score", d.get("importance_score", "forget"),
+                      list(selective.IMPORTANCE_SCORES),
+                      "forget: drop on the forget sample; selective: minus beta x retain drop.")
+    flags.DEFINE_float("selective_beta", 1.0, "Weight of the retain drop in the selective score.")
+    flags.DEFINE_integer("retain_sample_size", d.get("retain_sample_size", 1000),
+                         "Retain-class images scored by the selective score.")
+    flags.DEFINE_bool("calibrate", d.get("calibrate", False),
+                      "Size K and dt per request by the train-split sweep (tdu_jax.calibrate).")
+    flags.DEFINE_string("sweep_top_k", d.get("sweep_top_k", "300,1000,3000"),
+                        "Comma list of K values the calibration sweep tries.")
+    flags.DEFINE_string("sweep_dt", d.get("sweep_dt", "0.25,0.5,1"),
+                        "Comma list of dt values the calibration sweep tries.")
+    flags.DEFINE_float("sweep_forget_max", 5.0,
+                       "Calibration rule: forget-train accuracy ceiling in percent.")
+    flags.DEFINE_bool("compare_retrain", d.get("compare_retrain", False),
+                      "Also train/reuse the model retrained without the forget classes and "
+                      "report MIAs, probe recovery, relearn steps and the gap to it.")
     _OWN_FLAGS[:] = sorted(set(FLAGS) - before)
+    setup_logging()
+    sys.excepthook = _excepthook
 
 
 def _flag(name: str):
@@ -114,6 +156,8 @@ def config_from_flags(dataset: str, defaults: dict | None = None) -> dict:
     values["lam"] = values.pop("lambda")
     if row is not None:
         values = apply_preset(values, row)
+    if (FLAGS["top_k"].present or FLAGS["dt"].present) and not FLAGS["calibrate"].present:
+        values["calibrate"] = False  # explicit K or dt: the user sized the decay
     values["dataset"] = dataset
     values["row"] = row
     return validate_config(values)
@@ -157,26 +201,97 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("--finetune=after_each takes --finetune_batches (per step), not epochs")
     if cfg["finetune_epochs"] < 0:
         raise ValueError(f"--finetune_epochs must be >= 0; got {cfg['finetune_epochs']}")
-    for name in ("batch_size", "train_batch_size", "unit_chunk", "sample_batch"):
+    for name in ("sweep_top_k", "sweep_dt"):
+        if isinstance(cfg[name], str):
+            try:
+                cfg[name] = [parse_top_k(v) if name == "sweep_top_k" else float(v)
+                             for v in cfg[name].split(",")]  # fmt: skip
+            except ValueError:
+                raise ValueError(
+                    f"--{name} must be a comma list of numbers; got {cfg[name]!r}"
+                ) from None
+    for dt in cfg["sweep_dt"]:
+        if not dt > 0:
+            raise ValueError(f"--sweep_dt values must be > 0; got {dt}")
+    for name in ("batch_size", "train_batch_size", "unit_chunk", "sample_batch",
+                 "retain_sample_size"):  # fmt: skip
         if cfg[name] < 1:
             raise ValueError(f"--{name} must be >= 1; got {cfg[name]}")
     for name in ("train_epochs", "max_train_examples", "max_test_examples"):
         if cfg[name] < 0:
             raise ValueError(f"--{name} must be >= 0; got {cfg[name]}")
-    unlearn.validate_unlearn_config(unlearn_config(cfg, retain_size=None))
-    train.validate_optimizer_config(base_optimizer(cfg))
+    with _as_flags(_UNLEARN_FLAGS):
+        unlearn.validate_unlearn_config(unlearn_config(cfg, retain_size=None))
+    with _as_flags(_OPTIMIZER_FLAGS, prefix="train_"):
+        train.validate_optimizer_config(base_optimizer(cfg))
+    check_units(cfg)
     check_workdir(cfg["workdir"])
     return cfg
 
 
-def check_workdir(workdir: str) -> None:
-    path = pathlib.Path(workdir)
+# Library setting name -> flag, for errors raised by the library's own validation.
+_UNLEARN_FLAGS = {"lambda": "lambda", "lam": "lambda", "dt": "dt", "decay_steps": "decay_steps",
+                  "top_k": "top_k", "selection": "selection", "finetune": "finetune",
+                  "finetune_batches": "finetune_batches", "batch_size": "batch_size",
+                  "selective_beta": "selective_beta", "granularity": "granularity",
+                  "importance_score": "importance_score"}  # fmt: skip
+_OPTIMIZER_FLAGS = {"OptimizerConfig.name": "optimizer", "OptimizerConfig.learning_rate": "lr",
+                    "OptimizerConfig.momentum": "momentum", "OptimizerConfig.schedule": "schedule",
+                    "OptimizerConfig.weight_decay": "weight_decay",
+                    "OptimizerConfig.label_smoothing": "label_smoothing"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _as_flags(names: dict, prefix: str = ""):
+    """Re-raises a library ValueError that starts with a setting name as one naming its flag."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--workdir {workdir} cannot be created: {e}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--workdir {workdir} is not writable")
+        yield
+    except ValueError as e:
+        text = str(e)
+        for name in sorted(names, key=len, reverse=True):
+            if text.startswith(name) and not text[len(name) : len(name) + 1].isalnum():
+                text = f"--{prefix}{names[name]}{text[len(name) :]}"
+                break
+        raise ValueError(text) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _num_units(dataset, model, width, dtype, granularity, include, exclude, include_bn) -> int:
+    module = models.get_model(model, data.num_classes(dataset), width, DTYPES[dtype])
+    shapes = jax.eval_shape(
+        lambda k: models.init_variables(module, k, data.image_shape(dataset)), jax.random.key(0)
+    )
+    return units.enumerate_units(shapes[0], granularity, include, exclude, include_bn).num_units
+
+
+def check_units(cfg: dict) -> None:
+    """Checks --top_k and --include/--exclude against the model's unit count, before training."""
+    for name in ("include", "exclude"):
+        try:
+            re.compile(cfg[name] or "")
+        except re.error as e:
+            raise ValueError(f"--{name} is not a valid regex ({e}); got {cfg[name]!r}") from None
+    try:
+        keys = ("dataset", "model", "width", "compute_dtype", "granularity", "include",
+                "exclude", "include_bn")  # fmt: skip
+        n = _num_units(*(cfg[k] for k in keys))
+    except ValueError as e:  # no layer left after --include/--exclude
+        raise ValueError(f"--include/--exclude: {e}") from None
+    top_k = cfg["top_k"]
+    if isinstance(top_k, int) and not 1 <= top_k <= n:
+        what = f"{cfg['model']} has {n} {cfg['granularity']} units"
+        raise ValueError(f"--top_k must be a count in 1..{n} ({what}) or a fraction in "
+                         f"(0, 1]; got {top_k}")  # fmt: skip
+
+
+def check_workdir(workdir: str) -> None:
+    """Checks that ``workdir`` exists writable or can be created; creates nothing."""
+    path = pathlib.Path(workdir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--workdir {workdir} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {workdir} is not writable ({existing})")
 
 
 def base_optimizer(cfg: dict) -> train.OptimizerConfig:
@@ -206,14 +321,26 @@ def unlearn_config(cfg: dict, retain_size: int | None) -> unlearn.UnlearnConfig:
         ),
         batch_size=cfg["batch_size"], augment=cfg["augment"],
         evaluate_each_step=cfg["evaluate_each_step"], unit_chunk=cfg["unit_chunk"],
-        sample_batch=cfg["sample_batch"],
+        sample_batch=cfg["sample_batch"], importance_score=cfg["importance_score"],
+        selective_beta=cfg["selective_beta"],
     )  # fmt: skip
 
 
 # ------------------------------------------------------------------ data and model
+def check_data(cfg: dict) -> None:
+    """Stops before any work, in one line, when the dataset can be neither found nor downloaded."""
+    try:
+        where = data.check_available(cfg["dataset"], cfg["data_dir"])
+    except data.DataNotFoundError as e:
+        raise UserError(str(e)) from None
+    logging.info("Data %s: %s", cfg["dataset"], where)
+
+
 def load_data(cfg: dict) -> tuple[data.Split, data.Split]:
-    train_split = data.load_split(cfg["dataset"], "train", cfg["data_dir"])
-    test_split = data.load_split(cfg["dataset"], "test", cfg["data_dir"])
+    check_data(cfg)
+    with Progress(f"loading {cfg['dataset']}"):
+        train_split = data.load_split(cfg["dataset"], "train", cfg["data_dir"])
+        test_split = data.load_split(cfg["dataset"], "test", cfg["data_dir"])
     if cfg["max_train_examples"]:
         train_split = data.take(train_split, cfg["max_train_examples"])
     if cfg["max_test_examples"]:
@@ -234,22 +361,97 @@ def base_config(cfg: dict) -> dict:
 
 
 class Progress:
-    """Logs a phase's progress with rate and ETA at most every ``every`` seconds."""
+    """Logs a phase's progress, with rate and ETA, at least every ``every`` seconds.
 
-    def __init__(self, phase: str, every: float = 10.0):
-        self.phase, self.every, self.last = phase, every, 0.0
+    Call ``progress(done, total, info)`` after each piece of work; ``info`` is a dict of
+    metrics to show (training) or the seconds elapsed (importance; unused). The rate, and so
+    the ETA, is measured from the first call on, since the first piece includes compilation.
+    Between calls a daemon thread logs a heartbeat every ``every`` seconds, so a long chunk
+    or a compilation never leaves the log silent; it stops when ``done == total``, on
+    ``close()`` or at the end of a ``with`` block (which also starts it before any call).
+    """
 
-    def __call__(self, done, total, info) -> None:
-        now = time.perf_counter()
-        if done < total and now - self.last < self.every:
-            return
-        self.last = now
-        if isinstance(info, dict):
-            extra = ", ".join(f"{k}={v:.4g}" for k, v in info.items() if isinstance(v, float | int))
-        else:  # importance: seconds elapsed
-            rate = done / info if info else float("nan")
-            extra = f"{rate:.1f} units/s, eta {(total - done) / rate if rate else 0:.0f}s"
-        logging.info("%s: %d/%d (%s)", self.phase, done, total, extra)
+    def __init__(self, phase: str, every: float = 10.0, *, log=None, clock=time.monotonic):
+        self.phase, self.every, self._clock = phase, every, clock
+        self._log = log or (lambda msg: logging.info("%s", msg))
+        self._first = self._last = None  # (time, done) at the first / latest call
+        self._total, self._info = 0, None
+        self._started = self._logged = clock()
+        self._lock, self._stop, self._thread = threading.Lock(), threading.Event(), None
+
+    def __enter__(self) -> "Progress":
+        self._start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def rate(self) -> float | None:
+        """Work per second since the first call (None before a second call)."""
+        if self._first is None or self._last[0] <= self._first[0]:
+            return None
+        return (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at ``now`` by the measured rate (None while unknown)."""
+        rate = self.rate()
+        if not rate:
+            return None
+        return max(0.0, (self._total - self._last[1]) / rate - (now - self._last[0]))
+
+    def __call__(self, done: int, total: int, info=None) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._first is None:
+                self._first = (now, done)
+            self._last, self._total, self._info = (now, done), total, info
+            finished = done >= total
+            if not finished and now - self._logged < self.every:
+                message = None
+            else:
+                self._logged, message = now, self.message(now)
+        if not finished:
+            self._start()
+        if message is not None:
+            self._log(message)
+        if finished:
+            self.close()
+
+    def message(self, now: float, heartbeat: bool = False) -> str:
+        """The progress line at ``now``."""
+        if self._last is None:
+            return f"{self.phase}: still working ({now - self._started:.0f}s)"
+        done, parts = self._last[1], []
+        if isinstance(self._info, dict):
+            parts += [f"{k}={v:.4g}" for k, v in self._info.items()
+                      if isinstance(v, float | int) and k not in ("eta_s", "seconds")]  # fmt: skip
+        if heartbeat and now - self._last[0] >= 1:
+            parts.append(f"last update {now - self._last[0]:.0f}s ago")
+        eta, rate = self.eta(now), self.rate()
+        if done >= self._total:
+            parts.append(f"{now - self._started:.0f}s")
+        elif eta is None:
+            parts.append("eta after the next update (the first includes compilation)")
+        else:
+            parts.append(f"{rate:.4g}/s, eta {eta:.0f}s")
+        return f"{self.phase}: {done}/{self._total} ({', '.join(parts)})"
+
+    def _start(self) -> None:
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.every / 4)):
+            now = self._clock()
+            with self._lock:
+                if now - self._logged < self.every:
+                    continue
+                self._logged, message = now, self.message(now, heartbeat=True)
+            self._log(message)
 
 
 def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
@@ -259,9 +461,14 @@ def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
         pathlib.Path(cfg["workdir"]) / "base" / f"{cfg['model']}-{checkpoint.config_key(base_cfg)}"
     )
     model = build_model(cfg)
-    if checkpoint.exists(directory):
+    if checkpoint.exists(directory) and not cfg["retrain_base"]:
         logging.info("Reusing base model %s", directory)
-        params, batch_stats, _ = checkpoint.restore_model(directory, base_cfg)
+        try:
+            params, batch_stats, _ = checkpoint.restore_model(directory, base_cfg)
+        except ValueError as e:  # config.json of another config under this config's hash
+            first = str(e).splitlines()[0]
+            raise UserError(f"{first} Pass --retrain_base to train and save it anew, or use "
+                            "another --workdir") from None  # fmt: skip
         return model, params, batch_stats, {"checkpoint": str(directory), "trained_now": False}
     init_key, train_key = jax.random.split(jax.random.key(cfg["seed"]))
     params, batch_stats = models.init_variables(model, init_key, data.image_shape(cfg["dataset"]))
@@ -272,12 +479,13 @@ def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
         model, params, batch_stats, train_split, dataset=cfg["dataset"],
         config=base_optimizer(cfg), epochs=cfg["train_epochs"],
         batch_size=min(cfg["train_batch_size"], train_split.size), key=train_key,
-        augment=cfg["augment"], eval_split=test_split, progress=Progress("train base", 30.0),
+        augment=cfg["augment"], eval_split=test_split, progress=Progress("train base"),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     for record in history:
         logging.info("epoch %d: %s", record["epoch"], record)
-    checkpoint.save_model(directory, params, batch_stats, base_cfg, overwrite=False)
+    checkpoint.save_model(directory, params, batch_stats, base_cfg,
+                          overwrite=cfg["retrain_base"])  # fmt: skip
     report.write_json_atomic(directory / "train_history.json", {"history": history,
                              "seconds": seconds})  # fmt: skip
     return (
@@ -299,6 +507,73 @@ def importance_sample(cfg: dict, train_split: data.Split) -> data.Split:
     if cfg["importance_fraction"] < 1:
         return data.random_fraction(pool, cfg["importance_fraction"], cfg["seed"])
     return pool
+
+
+def retain_sample(cfg: dict, train_split: data.Split) -> data.Split:
+    """Seeded retain-class images scored by the selective importance score."""
+    _, retain = data.forget_retain(train_split, cfg["forget_class"])
+    return calibrate.retain_sample(retain, cfg["retain_sample_size"], cfg["seed"])
+
+
+def compute_importance(cfg, model, params, batch_stats, train_split, spec):
+    """Importance of ``spec``'s units for cfg's sample and score (forget or selective)."""
+
+    def score(split):
+        logging.info("Importance of %d units on %d images", spec.num_units, split.size)
+        return importance.ablation_importance(
+            model, params, batch_stats, data.to_float(split.images, cfg["dataset"]),
+            split.labels, spec, unit_chunk=cfg["unit_chunk"], sample_batch=cfg["sample_batch"],
+            progress=Progress("importance"),
+        )  # fmt: skip
+
+    def compute():
+        imp = score(importance_sample(cfg, train_split))
+        if cfg["importance_score"] == "selective":
+            imp = selective.selective_importance(
+                imp, score(retain_sample(cfg, train_split)), cfg["selective_beta"]
+            )
+        return imp
+
+    key = importance_key(cfg, params, batch_stats)
+    return importance_cache.cached(cfg["workdir"], key, compute)
+
+
+def importance_key(cfg: dict, params, batch_stats) -> dict:
+    """Everything that determines importance scores: the model's variables, the sample, the
+    units and the estimator (not chunk sizes, which only bound memory)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get((params, batch_stats))):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    keys = ("dataset", "model", "width", "compute_dtype", "forget_class", "importance_data",
+            "importance_fraction", "seed", "max_train_examples", "granularity", "include",
+            "exclude", "include_bn", "importance_score")  # fmt: skip
+    out = {k: cfg[k] for k in keys}
+    if cfg["importance_score"] == "selective":
+        out.update(selective_beta=cfg["selective_beta"], retain_size=cfg["retain_sample_size"])
+    out.update(variables_sha256=digest.hexdigest(), estimator="exact ablation",
+               data_version=data._VERSIONS[cfg["dataset"]])  # fmt: skip
+    return out
+
+
+def unit_spec(cfg: dict, params) -> units.UnitSpec:
+    return units.enumerate_units(params, cfg["granularity"], cfg["include"], cfg["exclude"],
+                                 cfg["include_bn"])  # fmt: skip
+
+
+def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> dict:
+    """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``)."""
+    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    sweep = calibrate.sweep_decay(
+        model, params, batch_stats, dataset=cfg["dataset"], forget_train=forget,
+        retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
+        spec=spec, top_ks=cfg["sweep_top_k"], dts=cfg["sweep_dt"], lam=cfg["lam"],
+        decay_steps=cfg["decay_steps"], forget_max=cfg["sweep_forget_max"],
+    )  # fmt: skip
+    logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])
+    return sweep
+
+
+SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
 
 
 def accuracies(model, params, batch_stats, cfg, train_split, test_split) -> tuple[dict, list]:
@@ -342,18 +617,41 @@ def existing_result(cfg: dict) -> dict | None:
 
 
 def _public(cfg: dict) -> dict:
-    """The config as recorded and compared: everything but the --overwrite permission."""
-    return {k: v for k, v in cfg.items() if k != "overwrite"}
+    """The config as recorded and compared: everything but permissions and safety checks."""
+    return {k: v for k, v in cfg.items() if k not in ("overwrite", "retrain_base", "min_base_acc")}
 
 
 def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
-            precomputed=None) -> dict:  # fmt: skip
-    """Runs the unlearning config from the base model and writes result.json atomically."""
+            precomputed=None, calibration=None) -> dict:  # fmt: skip
+    """Runs the unlearning config from the base model and writes result.json atomically.
+
+    With ``--calibrate``, K and dt come from ``calibration`` (a sweep already made for this
+    request, e.g. by ``reproduce``) or from a sweep run here with this row's lambda and T.
+    """
     start = time.perf_counter()
     _, retain_train = data.forget_retain(train_split, cfg["forget_class"])
     sample = importance_sample(cfg, train_split)
+    importance_seconds = 0.0  # spent here computing (or loading) importance, before unlearn
+    if not cfg["calibrate"]:
+        calibration = None
+    elif calibration is None and cfg["decay_steps"] > 0:
+        spec = unit_spec(cfg, params)
+        if precomputed is None:
+            importance_start = time.perf_counter()
+            precomputed = compute_importance(cfg, model, params, batch_stats, train_split, spec)
+            importance_seconds = time.perf_counter() - importance_start
+        calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
+                                      precomputed, spec)  # fmt: skip
+    if calibration is not None:
+        cfg = {**cfg, **calibration["chosen"]}
+    if precomputed is None and cfg["selection"] == "topk" and not cfg["reestimate"]:
+        # Through the workdir's importance cache: a rerun or resumed run reuses the scores.
+        importance_start = time.perf_counter()
+        precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
+                                         unit_spec(cfg, params))  # fmt: skip
+        importance_seconds = time.perf_counter() - importance_start
     ucfg = unlearn_config(cfg, retain_train.size)
-    progress = {"importance": Progress("importance"), "finetune": Progress("finetune", 30.0)}
+    progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 
     def event(phase, info):
         if phase == "step":
@@ -364,7 +662,10 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
 
     result = unlearn.unlearn(
         model, params, batch_stats, dataset=cfg["dataset"],
-        data_in=unlearn.UnlearnData(sample, retain_train, test_split, tuple(cfg["forget_class"])),
+        data_in=unlearn.UnlearnData(
+            sample, retain_train, test_split, tuple(cfg["forget_class"]),
+            retain_sample(cfg, train_split) if cfg["importance_score"] == "selective" else None,
+        ),
         config=ucfg, key=jax.random.fold_in(jax.random.key(cfg["seed"]), 1), event=event,
         precomputed=precomputed,
     )  # fmt: skip
@@ -372,12 +673,14 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     final, final_per_class = accuracies(model, result.params, result.batch_stats, cfg,
                                         train_split, test_split)  # fmt: skip
     timings = dict(result.timings)
+    timings["importance"] += importance_seconds
     timings["eval"] += time.perf_counter() - eval_start
     timings["total"] = time.perf_counter() - start
     imp = result.importance
     out = {
         "row": cfg["row"],
         "config": _public(cfg),
+        "calibration": calibration,
         "base": base["acc"],
         "final": final,
         "per_class_acc": {"base": base["per_class"], "final": final_per_class},
@@ -396,6 +699,15 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
         "versions": versions(),
         "base_model": {k: v for k, v in base.items() if k not in ("acc", "per_class")},
     }
+    if cfg["compare_retrain"]:
+        from experiments import gold  # local: gold builds on this module
+
+        seconds = gold.unlearning_seconds(timings, None if imp is None else imp.seconds)
+        report_ = gold.compare(cfg, model, params, batch_stats, result.params,
+                               result.batch_stats, train_split, test_split, seconds)  # fmt: skip
+        out["final"].update({k: v for k, v in report_.pop("final_metrics").items()
+                             if k not in out["final"]})  # fmt: skip
+        out.update(report_)
     path = run_dir(cfg) / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report.write_json_atomic(path, out)
@@ -409,26 +721,90 @@ def prepare_base(cfg: dict):
     base["acc"], base["per_class"] = accuracies(model, params, batch_stats, cfg, train_split,
                                                 test_split)  # fmt: skip
     logging.info("Base model: %s", base["acc"])
+    check_base_usable(cfg, base["acc"]["test_acc"])
     return train_split, test_split, model, params, batch_stats, base
+
+
+def check_base_usable(cfg: dict, test_acc: float) -> None:
+    """Refuses a base model near chance accuracy (nothing to unlearn), naming the fixes."""
+    chance = 100.0 / data.num_classes(cfg["dataset"])
+    floor = 2 * chance if cfg["min_base_acc"] < 0 else cfg["min_base_acc"]
+    if test_acc < floor:
+        raise UserError(
+            f"the base model is unusable: test accuracy {test_acc:.2f}% is below "
+            f"--min_base_acc={floor:g}% (chance: {chance:g}%), so unlearning results would mean "
+            f"nothing. Train it longer or on more data (--train_epochs="
+            f"{max(2 * cfg['train_epochs'], 1)}, --max_train_examples=0; a new setting trains a "
+            "new base model), or pass --min_base_acc=0 to run anyway"
+        )
+
+
+class UserError(Exception):
+    """A mistake in the user's flags, data or files: reported in one line, no traceback."""
+
+
+# What an interrupted run leaves behind; the entry point fills it in as work finishes.
+RESUME_NOTE = {"text": "nothing was finished."}
 
 
 @contextlib.contextmanager
 def bad_input():
-    """Reports a bad setting (ValueError/FileExistsError) as absl's usage error, no traceback.
+    """Reports a bad setting (ValueError/FileExistsError) as a ``UserError``, no traceback.
 
     Wrap only flag parsing and validation: errors from the work itself keep their traceback.
     """
     try:
         yield
     except (ValueError, FileExistsError) as e:
-        raise app.UsageError(str(e)) from None
+        raise UserError(str(e)) from None
+
+
+def _excepthook(kind, value, tb) -> None:
+    """One line for a user's mistake or Ctrl-C; the full traceback for anything else (bugs)."""
+    prog = pathlib.Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "tdu_jax"
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"\n{prog}: interrupted; {RESUME_NOTE['text']}", file=sys.stderr)
+    elif issubclass(kind, UserError | app.UsageError):
+        print(f"{prog}: error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+# Third-party INFO lines (orbax, TFDS, JAX backends, optax) and known-harmless warnings are
+# hidden unless --verbosity >= 1; our own INFO lines and everyone's real warnings stay.
+_OWN_CODE = tuple(
+    str(pathlib.Path(__file__).resolve().parents[1] / d) + os.sep
+    for d in ("experiments", "tdu_jax", "benchmarks", "scripts")
+)
+_HARMLESS = ("OpenCV is not installed",)
+
+
+class _QuietThirdParty(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if logging.get_verbosity() >= logging.DEBUG or record.pathname.startswith(_OWN_CODE):
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        return not any(text in str(record.msg) for text in _HARMLESS)
+
+
+def setup_logging() -> None:
+    """Quiet third-party logs (``--verbosity=1`` shows everything); idempotent."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO/WARNING of TF and XLA
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietThirdParty) for f in handler.filters):
+        handler.addFilter(_QuietThirdParty())
 
 
 def main_single(dataset: str) -> None:
     """Body of mnist_lenet / cifar_ship: one run, then a one-screen summary."""
     with bad_input():
         cfg = config_from_flags(dataset)
-        done = existing_result(cfg)
+        done = None if cfg["retrain_base"] else existing_result(cfg)
+    RESUME_NOTE["text"] = (
+        f"rerun the same command to resume: the base model and importance, once saved under "
+        f"{cfg['workdir']}, are reused."
+    )
     if done is not None:
         logging.info("Result exists for this config: %s", run_dir(cfg) / "result.json")
         print(report.print_summary(done))

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, gold, mnist_lenet
-from tdu_jax import data, methods, report, train
+from tdu_jax import calibrate, data, methods, metrics, report, train
 from tdu_jax import forgetting_report as fr
 from tdu_jax.methods import finetune, ours, salun, scrub, ssd
 
@@ -37,6 +37,13 @@ flags.DEFINE_string("methods", ",".join(methods.METHODS), "Comma list of methods
 flags.DEFINE_string("forget_classes", None, "Comma list of classes, each forgotten alone "
                     "(default: the dataset's --forget_class); 'all' for every class.")  # fmt: skip
 flags.DEFINE_string("seeds", "0", "Comma list of seeds.")
+flags.DEFINE_bool(
+    "tune",
+    False,
+    "Choose each peer method's main knob by one sweep on a "
+    "validation split carved from train (first class and seed), then freeze it.",
+)
+flags.DEFINE_float("val_fraction", 0.1, "Share of the training split held out for --tune.")
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +70,56 @@ def method_configs(cfg: dict, retain_size: int) -> dict:
         "salun": salun.SalUnConfig(batch_size=batch, augment=aug),
         "scrub": scrub.ScrubConfig(augment=aug),
     }  # fmt: skip
+
+
+# --tune: each peer's main knob and the multipliers tried (decay sizes itself by calibration).
+TUNE_GRID = (0.3, 1.0, 3.0)
+TUNE_FORGET_MAX = 5.0  # percent: the calibration rule's ceiling, on validation data
+
+
+def scaled(mcfg, factor: float):
+    """The config with its main knob times ``factor``: SSD's alpha, otherwise the lr."""
+    if isinstance(mcfg, ssd.SSDConfig):
+        return mcfg._replace(alpha=mcfg.alpha * factor)
+    opt = mcfg.optimizer
+    return mcfg._replace(optimizer=opt._replace(learning_rate=opt.learning_rate * factor))
+
+
+def tune(cfg, names, configs, model, params, bs, train_split) -> dict:
+    """One sweep per peer method on a validation split carved from the training data.
+
+    The method runs on the rest of the training split; each grid point is scored by forget
+    and retain accuracy on the held-out part and chosen by the calibration rule (highest
+    retain accuracy with forget accuracy <= TUNE_FORGET_MAX, else lowest forget accuracy).
+    Test data is never used. Returns {method: {"factor", "points"}}.
+    """
+    n_val = max(1, int(round(cfg["val_fraction"] * train_split.size)))
+    order = np.random.default_rng(cfg["seed"]).permutation(train_split.size)
+    fit = data.Split(train_split.images[order[n_val:]], train_split.labels[order[n_val:]])
+    val = data.Split(train_split.images[order[:n_val]], train_split.labels[order[:n_val]])
+    forget, retain = data.forget_retain(fit, cfg["forget_class"])
+    data_in = methods.MethodData(forget, retain, tuple(cfg["forget_class"]),
+                                 data.num_classes(cfg["dataset"]))  # fmt: skip
+    chosen = {}
+    for name in names:
+        if name in ("decay", "retrain"):
+            continue
+        points = []
+        for factor in TUNE_GRID:
+            mcfg = scaled(configs[name], factor)
+            key = jax.random.key(cfg["seed"])
+            result = methods.run_method(name, model, params, bs, data_in, key, mcfg,
+                                        dataset=cfg["dataset"])  # fmt: skip
+            pred = metrics.predict(model, result.params, result.batch_stats, val.images,
+                                   dataset=cfg["dataset"])  # fmt: skip
+            acc = metrics.forget_retain_accuracy(pred, val.labels, cfg["forget_class"])
+            # Validation accuracies under the names calibrate.choose reads.
+            points.append({"factor": factor, "forget_train_acc": acc["forget_acc"],
+                           "retain_train_acc": acc["retain_acc"]})  # fmt: skip
+            logging.info("tune %s x%g: %s", name, factor, points[-1])
+        chosen[name] = {"factor": calibrate.choose(points, TUNE_FORGET_MAX)["factor"],
+                        "points": points}  # fmt: skip
+    return chosen
 
 
 def cell_dir(cfg: dict, method: str, classes: list[int], seed: int) -> pathlib.Path:
@@ -200,6 +257,16 @@ def main(argv):
             req = {**seed_cfg, "forget_class": classes, "compare_retrain": True}
             _, retain = data.forget_retain(train_split, classes)
             configs = method_configs(req, retain.size)
+            if FLAGS.tune:
+                tuning_path = workdir / "tuning.json"
+                if not tuning_path.exists():
+                    tuned = tune({**req, "val_fraction": FLAGS.val_fraction}, names, configs,
+                                 model, params, bs, train_split)  # fmt: skip
+                    report.write_json_atomic(tuning_path, {"request": classes, "seed": seed,
+                                                           "chosen": tuned})  # fmt: skip
+                tuned = report.read_json(tuning_path)["chosen"]
+                configs = {n: scaled(c, tuned[n]["factor"]) if n in tuned else c
+                           for n, c in configs.items()}  # fmt: skip
             for name in names:
                 path = cell_dir(req, name, classes, seed) / "result.json"
                 if path.exists():

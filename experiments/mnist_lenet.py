@@ -19,7 +19,7 @@ DEFAULTS = dict(
     forget_class="0", model="lenet", lam=0.1, dt=0.25, decay_steps=7, top_k="3000",
     granularity="weight", include=None, finetune_lr=0.01, train_epochs=8,
     train_optimizer="adam", train_lr=2e-3, train_weight_decay=0.0, train_schedule="cosine",
-    augment=False, unit_chunk=256,
+    augment=False, unit_chunk=256, sample_batch=128,  # importance peak < 1 GB (benchmarks/)
     sweep_top_k="300,1000,3000", sweep_dt="0.25,0.5,1", calibrate=True,
 )  # fmt: skip
 

@@ -22,56 +22,37 @@ import jax
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, mnist_lenet, presets
-from tdu_jax import data, decay, importance, metrics, report, units
+from tdu_jax import data, decay, report
+from tdu_jax import forgetting_report as fr
 
 flags.DEFINE_enum("table", "lenet", ["lenet", "cifar", "all"], "Which reference table.")
 flags.DEFINE_string("rows", None, "Comma list of row ids (default: the whole table).")
 flags.DEFINE_string("seeds", "0", "Comma list of seeds; results show mean +- std.")
 flags.DEFINE_bool("sweep", True, "Choose K and dt by the documented train-split sweep.")
+flags.DEFINE_string("forget_classes", None,
+                    "Forget each of these classes alone (comma list, or 'all'); default: "
+                    "the table's --forget_class request.")
 FLAGS = flags.FLAGS
 
 TABLES = {
-    "lenet": dict(dataset="mnist", defaults=mnist_lenet.DEFAULTS, sweep_row="L1",
-                  grid={"top_k": [300, 1000, 3000], "dt": [0.25, 0.5, 1.0]}),
-    "cifar": dict(dataset="cifar10", defaults=cifar_ship.DEFAULTS, sweep_row="C1",
-                  grid={"top_k": [0.01, 0.02, 0.05, 0.1], "dt": [1.0, 2.0, 5.0, 10.0]}),
+    "lenet": dict(dataset="mnist", defaults=mnist_lenet.DEFAULTS, sweep_row="L1"),
+    "cifar": dict(dataset="cifar10", defaults=cifar_ship.DEFAULTS, sweep_row="C1"),
+}
+# Goals of issue 7 per dataset, counted in forgetting.md (share of requests that meet each).
+GOALS = {
+    "mnist": [fr.Goal("forget_acc", "max", 1.0), fr.Goal("retain_acc", "above_retrained", 0.5),
+              fr.Goal("mia_svc", "near_retrained", 2.0),
+              fr.Goal("probe_recovery", "below_retrained", 5.0)],
+    "cifar10": [fr.Goal("forget_acc", "max", 5.0), fr.Goal("retain_acc", "above_retrained", 2.0),
+                fr.Goal("mia_svc", "near_retrained", 3.0),
+                fr.Goal("mia_entropy", "near_retrained", 3.0),
+                fr.Goal("probe_recovery", "below_retrained", 10.0), fr.Goal("", "cost", 0.10)],
 }  # fmt: skip
-SWEEP_FORGET_MAX = 5.0  # percent, forget-train accuracy allowed by the selection rule
-SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
-
-
-def sweep_hparams(cfg, model, params, batch_stats, train_split, imp, spec, grid, row) -> dict:
-    """Scores each (K, dt) of ``grid`` with row ``row``'s decay (no fine-tuning) on train data."""
-    settings = common.apply_preset(cfg, row)
-    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
-    retain = data.random_fraction(retain, min(1.0, SWEEP_RETAIN_SAMPLE / retain.size), 0)
-    points = []
-    for k in grid["top_k"]:
-        selected = decay.select_top_k(imp, k)
-        mask = units.unit_mask(params, spec, selected)
-        for dt in grid["dt"]:
-            decayed = decay.decay(params, mask, settings["lam"], dt, settings["decay_steps"])
-            accs = {}
-            for name, split in (("forget_train_acc", forget), ("retain_train_acc", retain)):
-                pred = metrics.predict(model, decayed, batch_stats, split.images,
-                                       dataset=cfg["dataset"])  # fmt: skip
-                accs[name] = metrics.accuracy(pred, split.labels)
-            points.append({"top_k": k, "dt": dt, "units": int(selected.size), **accs})
-            logging.info("sweep %s", points[-1])
-    ok = [p for p in points if p["forget_train_acc"] <= SWEEP_FORGET_MAX]
-    best = (
-        max(ok, key=lambda p: (p["retain_train_acc"], -p["forget_train_acc"]))
-        if ok
-        else min(points, key=lambda p: (p["forget_train_acc"], -p["retain_train_acc"]))
-    )
-    return {"row": row, "lambda": settings["lam"], "decay_steps": settings["decay_steps"],
-            "rule": f"max retain_train_acc s.t. forget_train_acc <= {SWEEP_FORGET_MAX}",
-            "points": points, "chosen": {"top_k": best["top_k"], "dt": best["dt"]}}  # fmt: skip
 
 
 def shares_importance(row_cfg: dict, cfg: dict) -> bool:
     keys = ("importance_data", "importance_fraction", "granularity", "include", "exclude",
-            "include_bn")  # fmt: skip
+            "include_bn", "importance_score", "selective_beta", "retain_sample_size")  # fmt: skip
     return (
         row_cfg["selection"] == "topk"
         and not row_cfg["reestimate"]
@@ -79,13 +60,28 @@ def shares_importance(row_cfg: dict, cfg: dict) -> bool:
     )
 
 
-def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int]]:
-    """The table's config, every row's config and the seeds, all validated up front."""
+def forget_class_list(dataset: str, text: str | None, default: list[int]) -> list[list[int]]:
+    """``--forget_classes``: None -> the table's request; "all" -> each class alone; else a
+    comma list of classes, each forgotten alone."""
+    if text is None:
+        return [list(default)]
+    if text == "all":
+        return [[c] for c in range(data.num_classes(dataset))]
+    try:
+        return [[c] for c in data.parse_classes(dataset, text)]
+    except ValueError as e:
+        raise ValueError(f"--forget_classes: {e} (or 'all')") from None
+
+
+def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int], list[list[int]]]:
+    """The table's config, every row's config, the seeds and the forget requests, validated."""
     spec_t = TABLES[name]
     cfg = common.config_from_flags(spec_t["dataset"], spec_t["defaults"])
     if cfg["row"] is not None:
         raise ValueError("--preset does not apply to reproduce; use --rows")
     cfg["workdir"] = str(pathlib.Path(FLAGS.workdir) / name)
+    if not FLAGS.sweep:
+        cfg["calibrate"] = False
     rows = FLAGS.rows.split(",") if FLAGS.rows else list(presets.TABLES[name])
     for row in rows:
         if row not in presets.TABLES[name]:
@@ -94,56 +90,77 @@ def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int]]:
         seeds = [int(s) for s in FLAGS.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
-    return cfg, {row: row_config(cfg, row, seeds[0]) for row in rows}, seeds
+    requests = forget_class_list(spec_t["dataset"], FLAGS.forget_classes, cfg["forget_class"])
+    return cfg, {row: row_config(cfg, row, seeds[0], requests) for row in rows}, seeds, requests
 
 
-def row_config(cfg: dict, row: str, seed: int) -> dict:
+def row_config(cfg: dict, row: str, seed: int, requests: list[list[int]] | None = None) -> dict:
+    """A row's config; with several forget requests the run name carries the class too."""
+    name = f"{row}-seed{seed}"
+    del requests  # the run name carries the class whenever --forget_classes is given
+    if FLAGS.forget_classes:
+        classes = "+".join(data.class_names(cfg["dataset"])[c] for c in cfg["forget_class"])
+        name = f"{row}-{classes}-seed{seed}"
     return common.validate_config(
-        {**common.apply_preset(cfg, row), "seed": seed, "row": row, "run_name": f"{row}-seed{seed}"}
+        {**common.apply_preset(cfg, row), "seed": seed, "row": row, "run_name": name}
     )
 
 
-def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int]) -> dict:
+def calibrate_request(cfg, sweep_row, model, params, bs, train_split, imp, spec) -> dict:
+    """The table's sweep (its no-fine-tune row's lambda and T) for one request."""
+    settings = common.apply_preset(cfg, sweep_row)
+    sweep = common.calibrate_decay({**cfg, "lam": settings["lam"],
+                                    "decay_steps": settings["decay_steps"]},
+                                   model, params, bs, train_split, imp, spec)  # fmt: skip
+    return {"row": sweep_row, **sweep}
+
+
+def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int],
+              requests: list[list[int]]) -> dict:  # fmt: skip
     spec_t = TABLES[name]
     table_dir = pathlib.Path(cfg["workdir"])
     sweep_allowed = FLAGS.sweep and not (FLAGS["top_k"].present or FLAGS["dt"].present)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     sweeps = {}
     for seed in seeds:
-        cfg = {**cfg, "seed": seed}
-        train_split, test_split, model, params, bs, base = common.prepare_base(cfg)
-        imp = None
-        if any(shares_importance(row_config(cfg, r, seed), cfg) for r in rows):
-            spec = units.enumerate_units(params, cfg["granularity"], cfg["include"],
-                                         cfg["exclude"], cfg["include_bn"])  # fmt: skip
-            sample = common.importance_sample(cfg, train_split)
-            logging.info("Importance of %d units on %d images", spec.num_units, sample.size)
-            imp = importance.ablation_importance(
-                model, params, bs, data.to_float(sample.images, cfg["dataset"]),
-                sample.labels, spec, unit_chunk=cfg["unit_chunk"],
-                sample_batch=cfg["sample_batch"], progress=common.Progress("importance"),
-            )  # fmt: skip
-            if sweep_allowed:
-                sweep = sweep_hparams(cfg, model, params, bs, train_split, imp, spec,
-                                      spec_t["grid"], spec_t["sweep_row"])  # fmt: skip
-                cfg.update(sweep["chosen"])
-                sweeps[seed] = sweep
-                report.write_json_atomic(table_dir / "sweep.json", sweeps)
-                logging.info("Sweep chose %s", sweep["chosen"])
-            k = decay.resolve_k(cfg["top_k"], spec.num_units)
-            title = f"{name}: accuracy drop per unit (seed {seed})"
-            plot_path = table_dir / f"importance-seed{seed}.png"
-            report.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
-        for row in rows:
-            row_cfg = row_config(cfg, row, seed)
-            result = common.existing_result(row_cfg)
-            if result is None:
-                logging.info("Row %s seed %d", row, seed)
-                shared = imp if shares_importance(row_cfg, cfg) else None
-                result = common.run_one(row_cfg, model, params, bs, base, train_split,
-                                        test_split, precomputed=shared)  # fmt: skip
-            per_row[row].append(result)
-            write_summary(name, table_dir, per_row)
+        seed_cfg = {**cfg, "seed": seed}
+        train_split, test_split, model, params, bs, base = common.prepare_base(seed_cfg)
+        for classes in requests:
+            req = {**seed_cfg, "forget_class": classes}
+            req_name = "+".join(data.class_names(cfg["dataset"])[c] for c in classes)
+            # The base model's accuracies split by this request's forget classes.
+            base = {**base}
+            base["acc"], base["per_class"] = common.accuracies(model, params, bs, req,
+                                                               train_split, test_split)  # fmt: skip
+            imp, sweep = None, None
+            if any(shares_importance(row_config(req, r, seed, requests), req) for r in rows):
+                spec = common.unit_spec(req, params)
+                imp = common.compute_importance(req, model, params, bs, train_split, spec)
+                if sweep_allowed:
+                    sweep = calibrate_request(req, spec_t["sweep_row"], model, params, bs,
+                                              train_split, imp, spec)  # fmt: skip
+                    req.update(sweep["chosen"])
+                    sweeps[f"{req_name}-seed{seed}"] = sweep
+                    report.write_json_atomic(table_dir / "sweep.json", sweeps)
+                k = decay.resolve_k(req["top_k"], spec.num_units)
+                title = f"{name}: accuracy drop per unit ({req_name}, seed {seed})"
+                plot_path = table_dir / f"importance-{req_name}-seed{seed}.png"
+                report.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
+            for row in rows:
+                row_cfg = row_config(req, row, seed, requests)
+                result = common.existing_result(row_cfg)
+                if result is not None:
+                    logging.info("Skipping row %s, forget %s, seed %d: finished in %s", row,
+                                 req_name, seed, common.run_dir(row_cfg))  # fmt: skip
+                else:
+                    logging.info("Row %s, forget %s, seed %d", row, req_name, seed)
+                    shared = imp if shares_importance(row_cfg, req) else None
+                    result = common.run_one(row_cfg, model, params, bs, base, train_split,
+                                            test_split, precomputed=shared,
+                                            calibration=sweep)  # fmt: skip
+                per_row[row].append(result)
+                write_summary(name, table_dir, per_row, partial=True)
+    write_summary(name, table_dir, per_row, partial=False)
     return {"rows": per_row, "sweeps": sweeps}
 
 
@@ -155,16 +172,31 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def write_summary(name: str, table_dir: pathlib.Path, per_row: dict) -> None:
+def write_summary(name: str, table_dir: pathlib.Path, per_row: dict, partial: bool) -> None:
     results = [aggregate(rs) for rs in per_row.values() if rs]
     base = report.REFERENCE_BASE.get(name)
-    title = f"{name} table ({len(next(iter(per_row.values())))} seed(s))"
-    report.write_json_atomic(table_dir / "summary.json", {"table": name, "results": results})
+    done = [r for rs in per_row.values() for r in rs]
+    requests = {(tuple(r["config"]["forget_class"]), r["config"]["seed"]) for r in done}
+    title = f"{name} table ({len(requests)} request(s): forget classes x seeds)"
+    if partial:
+        title += " (PARTIAL: run not finished)"
+    report.write_json_atomic(table_dir / "summary.json",
+                             {"table": name, "partial": partial, "results": results})  # fmt: skip
     report.write_text_atomic(
         table_dir / "summary.md", report.summary_markdown(results, title, base)
     )
-    report.plot_history(results, table_dir / "history.png")
-    report.plot_bars(results, table_dir / "bars.png")
+    report.plot_history(results, table_dir / "history.png", partial=partial)
+    report.plot_bars(results, table_dir / "bars.png", partial=partial)
+    if any(r.get("retrained") for r in done):
+        dataset = TABLES[name]["dataset"]
+        text = fr.forgetting_markdown(done, f"{name}: forgetting quality", GOALS[dataset],
+                                      partial=partial)  # fmt: skip
+        report.write_text_atomic(table_dir / "forgetting.md", text)
+        report.write_json_atomic(table_dir / "forgetting.json", {"partial": partial,
+                                 "results": done})  # fmt: skip
+        names = data.class_names(dataset)
+        for metric in ("forget_acc", "retain_acc", "mia_svc", "probe_recovery"):
+            fr.plot_per_class(done, names, table_dir / f"per_class-{metric}.png", metric)
 
 
 def main(argv):
@@ -173,12 +205,22 @@ def main(argv):
     names = ["lenet", "cifar"] if FLAGS.table == "all" else [FLAGS.table]
     with common.bad_input():  # every table's settings are checked before any training
         tables = {name: table_configs(name) for name in names}
-    for name, (cfg, row_cfgs, seeds) in tables.items():
-        run_table(name, cfg, list(row_cfgs), seeds)
+    for table in tables.values():
+        common.check_data(table[0])  # every table's data, before any training
+    for name, (cfg, row_cfgs, seeds, requests) in tables.items():
+        common.RESUME_NOTE["text"] = (
+            f"finished rows are kept in {cfg['workdir']} (summary and plots marked PARTIAL); "
+            "rerun the same command to resume: finished rows are skipped and the base model "
+            "and importance are reused."
+        )
+        run_table(name, cfg, list(row_cfgs), seeds, requests)
         print((pathlib.Path(cfg["workdir"]) / "summary.md").read_text())
+        forgetting_md = pathlib.Path(cfg["workdir"]) / "forgetting.md"
+        if forgetting_md.exists():
+            print(forgetting_md.read_text())
     logging.info("reproduce done in %.1f s on %s", time.perf_counter() - start, jax.devices()[0])
 
 
 if __name__ == "__main__":
-    common.define_flags(**mnist_lenet.DEFAULTS)
+    common.define_flags(**{**mnist_lenet.DEFAULTS, "compare_retrain": True})
     app.run(main)

@@ -7,6 +7,8 @@ Flags are defined only under ``if __name__ == "__main__":``, so every entry poin
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,8 @@ import time
 import jax
 import pytest
 
-from experiments import cifar_ship, presets
+from experiments import cifar_ship, common, presets
+from tdu_jax import report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,7 +32,7 @@ MNIST_TINY = [
 CIFAR_TINY = [
     "--model=resnet_tiny", "--max_train_examples=256", "--max_test_examples=100",
     "--train_epochs=1", "--top_k=4", "--decay_steps=2", "--train_batch_size=64",
-    "--batch_size=32",
+    "--batch_size=32", "--min_base_acc=0",  # a deliberately tiny model: near chance is fine
 ]  # fmt: skip
 
 
@@ -190,7 +193,8 @@ def test_cifar_ship_preset_with_explicit_overrides(tfds_dir, tmp_path):
 
 # -------------------------------------------------------------------------------- reproduce
 def test_reproduce_lenet_rows(tfds_dir, tmp_path):
-    args = ["--table=lenet", "--rows=L1,L4", f"--workdir={tmp_path}", *MNIST_TINY]
+    args = ["--table=lenet", "--rows=L1,L4", f"--workdir={tmp_path}", "--nocompare_retrain",
+            *MNIST_TINY]  # fmt: skip
     proc, output, _ = _run("reproduce", args, tfds_dir)
     _check_ok(proc, output)
     table_dir = tmp_path / "lenet"
@@ -209,6 +213,46 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
         assert text in markdown, text
     for name in ("history.png", "bars.png"):
         assert (table_dir / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert summary["partial"] is False and "PARTIAL" not in markdown
+
+    # A rerun says what it skips and recomputes nothing.
+    proc, output, _ = _run("reproduce", args, tfds_dir)
+    _check_ok(proc, output)
+    for row in ("L1", "L4"):
+        assert f"Skipping row {row}, forget 0, seed 0: finished in" in output
+    assert "Reusing base model" in output and "Importance of" not in output
+
+
+def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
+    tiny = [a for a in MNIST_TINY if not a.startswith("--top_k")]
+    args = ["--table=lenet", "--rows=L1", f"--workdir={tmp_path}", "--forget_classes=3,5",
+            "--sweep_top_k=10,400", "--sweep_dt=0.5,5", *tiny]  # fmt: skip
+    proc, output, _ = _run("reproduce", args, tfds_dir)
+    _check_ok(proc, output)
+    table_dir = tmp_path / "lenet"
+    sweeps = _read(table_dir / "sweep.json")
+    assert sorted(sweeps) == ["3-seed0", "5-seed0"]  # calibrated per forget class
+    metrics = ("mia_svc", "mia_entropy", "mia_loss_auc", "probe_recovery", "relearn_steps",
+               "forget_prediction_js")  # fmt: skip
+    for cls in ("3", "5"):
+        result = _read(table_dir / f"L1-{cls}-seed0" / "result.json")
+        assert result["config"]["forget_class"] == [int(cls)]
+        chosen = sweeps[f"{cls}-seed0"]["chosen"]
+        assert (result["config"]["top_k"], result["config"]["dt"]) == (
+            chosen["top_k"], chosen["dt"])  # fmt: skip
+        for part in ("final", "retrained", "control", "base_metrics"):
+            for key in metrics:
+                assert key in result[part], (part, key)
+        for key in ("forget_acc", "retain_acc", "mia_svc", "probe_recovery"):
+            assert result["gap"][key] == pytest.approx(
+                result["final"][key] - result["retrained"][key])  # fmt: skip
+        assert result["retrained"]["train_seconds"] > 0 and result["cost_ratio"] > 0
+        assert result["control"]["forget_acc"] == 0.0  # the silenced logit is never argmax
+        assert result["retrained"]["forget_acc"] == 0.0  # never trained on the class
+    assert len(list((tmp_path / "lenet" / "retrain").iterdir())) == 2
+    text = (table_dir / "forgetting.md").read_text()
+    assert "L1: 2 requests (2 forget classes x 1 seeds)" in text and "PARTIAL" not in text
+    assert (table_dir / "per_class-forget_acc.png").read_bytes()[:8] == PNG_MAGIC
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -295,9 +339,12 @@ def test_config_precedence_preset_vs_explicit_flags(tmp_path):
         (["--dt=0"], "dt must be"),
         (["--model=vgg"], "--model"),
         ("unwritable_workdir", "--workdir"),
+        (["--top_k=10000000"], "--top_k must be a count in 1..61706"),
+        (["--include=nomatch"], "--include"),
+        (["--train_lr=0"], "--train_lr"),
     ],
     ids=["preset", "forget_class", "finetune_conflict", "importance_fraction", "top_k",
-         "lambda", "dt", "model", "workdir"],
+         "lambda", "dt", "model", "workdir", "top_k_units", "include", "train_lr"],
 )  # fmt: skip
 def test_invalid_flags_fail_fast(args, needle, tmp_path):
     workdir = tmp_path / "runs"
@@ -309,10 +356,12 @@ def test_invalid_flags_fail_fast(args, needle, tmp_path):
     # No TFDS dir: validation must fail before any data is loaded.
     proc, output, seconds = _run("mnist_lenet", [*args, f"--workdir={workdir}"], timeout=300)
     assert proc.returncode != 0, _tail(output)
-    error = proc.stderr.strip().splitlines()[-1]  # the exception (or absl usage error) line
+    # One line, first and only: the flag with its `--`, no traceback, no module docstring.
+    (error,) = proc.stderr.strip().splitlines()
+    assert error.startswith("mnist_lenet: error: --"), error
     assert needle in error, _tail(output)
     assert "Training base" not in output
-    assert not (workdir / "base").exists()
+    assert not workdir.exists()  # nothing is created before the settings are accepted
     assert seconds < 60
 
 
@@ -331,3 +380,158 @@ def test_train_base_prints_per_class_accuracy_and_reuses_checkpoint(tfds_dir, tm
     _check_ok(proc, output)
     assert "Reusing base model" in output
     assert proc.stdout.splitlines()[1] == lines[1]  # same model, same accuracy
+
+
+# ------------------------------------------------------- a newcomer's errors, resume, progress
+def _one_line_error(proc) -> str:
+    """The run failed with exactly one stderr line after its logs: no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, _tail(proc.stderr)
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_no_data_stops_before_any_work(tmp_path):
+    workdir, empty = tmp_path / "runs", tmp_path / "empty"
+    empty.mkdir()
+    proc, output, seconds = _run("mnist_lenet", [f"--workdir={workdir}", f"--data_dir={empty}"])
+    error = _one_line_error(proc)
+    assert error.startswith("mnist_lenet: error: No prepared 'mnist' data found"), error
+    assert str(empty / "mnist") in error and "TFDS_DATA_DIR" in error
+    assert not workdir.exists()
+    assert seconds < 60
+
+
+def test_reruns_reuse_importance_and_explain_skips(mnist_run, tfds_dir):
+    """Another run name, same base model and sample: importance comes from the cache."""
+    workdir = mnist_run["workdir"]
+    assert len(list((workdir / "importance").glob("*.npz"))) == 1
+    args = [a for a in mnist_run["args"] if not a.startswith("--run_name")]
+    proc, output, _ = _run("mnist_lenet", [*args, "--run_name=again"], tfds_dir)
+    _check_ok(proc, output)
+    assert f"Reusing importance of {LENET_UNITS} units" in output
+    assert "importance: 1" not in output  # no importance progress: nothing was computed
+    result = _read(workdir / "again" / "result.json")
+    assert result["final"] == mnist_run["result"]["final"]  # same scores, same unlearning
+    assert len(list((workdir / "importance").glob("*.npz"))) == 1
+
+
+def test_near_chance_base_refused_with_the_fix(mnist_run, tfds_dir):
+    args = [*mnist_run["args"], "--run_name=strict", "--min_base_acc=99.9"]
+    proc, output, _ = _run("mnist_lenet", args, tfds_dir)
+    error = _one_line_error(proc)
+    assert "base model is unusable" in error and "--train_epochs=2" in error, error
+    assert "--min_base_acc=0" in error
+    assert "Reusing base model" in output  # refused after evaluation, before any unlearning
+    assert not (mnist_run["workdir"] / "strict").exists()
+
+
+@pytest.mark.slow
+def test_base_of_another_config_needs_retrain_base(mnist_run, tfds_dir, tmp_path):
+    shutil.copytree(mnist_run["workdir"] / "base", tmp_path / "base")
+    (base_dir,) = (tmp_path / "base").iterdir()
+    config_path = base_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train_lr"] = 0.5  # as if saved by another config under this config's hash
+    config_path.write_text(json.dumps(config))
+    args = [*mnist_run["args"], f"--workdir={tmp_path}"]
+    proc, output, _ = _run("mnist_lenet", args, tfds_dir)
+    error = _one_line_error(proc)
+    assert "different config" in error and "--retrain_base" in error, error
+    proc, output, _ = _run("mnist_lenet", [*args, "--retrain_base"], tfds_dir)
+    _check_ok(proc, output)
+    assert "Training base" in output
+    assert json.loads(config_path.read_text())["train_lr"] == 2e-3  # replaced on purpose
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_resumable(mnist_run, tfds_dir):
+    args = [*mnist_run["args"], "--run_name=interrupted", "--decay_steps=200"]
+    env = {**os.environ, "TFDS_DATA_DIR": tfds_dir}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.mnist_lenet", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    lines = []
+    for line in proc.stderr:  # wait until unlearning has started, then press Ctrl-C
+        lines.append(line)
+        if "decay step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT), _tail("".join(lines) + rest)
+    assert "Traceback" not in rest, _tail(rest)
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("mnist_lenet: interrupted; rerun the same command to resume"), last
+    assert not (mnist_run["workdir"] / "interrupted" / "result.json").exists()
+
+
+def test_progress_eta_excludes_first_chunk_and_heartbeat():
+    clock, lines = [0.0], []
+    progress = common.Progress("work", every=10.0, log=lines.append, clock=lambda: clock[0])
+    clock[0] = 30.0  # first chunk: 100 units in 30 s, most of it compiling
+    progress(100, 1100, 30.0)
+    assert progress.rate() is None and "eta after the next update" in lines[-1]
+    clock[0] = 40.0  # 100 more units in 10 s: 10 units/s, 900 left
+    progress(200, 1100, 40.0)
+    assert progress.rate() == pytest.approx(10.0)
+    assert progress.eta(40.0) == pytest.approx(90.0)
+    assert lines[-1] == "work: 200/1100 (10/s, eta 90s)"
+    clock[0] = 45.0
+    progress(250, 1100, 45.0)  # within 10 s of the last line: not logged
+    assert len(lines) == 2
+    assert progress.message(55.0, heartbeat=True) == (
+        "work: 250/1100 (last update 10s ago, 10/s, eta 75s)"
+    )
+    clock[0] = 60.0
+    progress(1100, 1100, {"loss": 0.25, "eta_s": 1.0})  # the end is always logged
+    assert lines[-1] == "work: 1100/1100 (loss=0.25, 60s)"
+    progress.close()
+
+
+def test_progress_heartbeat_logs_while_a_chunk_runs():
+    lines = []
+    with common.Progress("slow", every=0.2, log=lines.append) as progress:
+        progress(1, 10)
+        time.sleep(0.9)
+    assert len(lines) >= 3, lines
+    assert all(line.startswith("slow: 1/10 (") for line in lines), lines
+    count = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == count  # stopped with the block
+
+
+def test_partial_plots_are_marked(tmp_path):
+    fig = report._figure()
+    report._save_figure(fig, tmp_path / "a.png", partial=True)
+    assert fig._suptitle.get_text() == report.PARTIAL_MARK
+    assert (tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
+    fig = report._figure()
+    report._save_figure(fig, tmp_path / "b.png")
+    assert fig._suptitle is None
+
+
+# ---------------------------------------------------------------------------------- compare
+@pytest.mark.slow
+def test_compare_runs_methods_against_retrained_and_skips_finished_cells(tfds_dir, tmp_path):
+    args = ["--dataset=mnist", "--forget_classes=3", "--seeds=0", "--methods=ssd,ft,retrain",
+            "--max_train_examples=600", "--max_test_examples=200", "--train_epochs=1",
+            f"--workdir={tmp_path}"]  # fmt: skip
+    proc, output, _ = _run("compare", args, tfds_dir)
+    _check_ok(proc, output)
+    out = tmp_path / "compare"
+    cells = _read(out / "compare.json")["cells"]
+    assert [c["method"] for c in cells] == ["ssd", "ft", "retrain"]
+    for cell in cells:
+        assert cell["final"]["forget_acc"] <= cell["base_metrics"]["forget_acc"] or (
+            cell["method"] == "ssd")  # fmt: skip
+        assert "mia_svc" in cell["final"] and "gap" in cell and cell["info"]["seconds"] > 0
+    retrain = cells[2]
+    assert retrain["final"]["forget_acc"] == 0.0 and retrain["cost_ratio"] == 1.0
+    assert "| ssd | 1 |" in (out / "compare.md").read_text()
+    for name in ("forget_vs_retain.png", "mia.png", "cost.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    proc, output, _ = _run("compare", args, tfds_dir)
+    _check_ok(proc, output)
+    assert output.count("Skipping finished cell") == 3
