@@ -7,17 +7,15 @@ checked on load, so a changed setting (another hash) or a stale file (another ke
 never gives the wrong scores. Files are written atomically (temp file + ``os.replace``).
 """
 
-import contextlib
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
 from absl import logging
 
-from tdu_jax import checkpoint, importance
+from tdu_jax import atomic, checkpoint, importance
 
 FORMAT = 1  # bump when the stored layout changes
 
@@ -33,18 +31,10 @@ def _key_text(key: dict) -> str:
 
 def save(path: str | os.PathLike, imp: importance.Importance, key: dict) -> None:
     """Writes ``imp`` and its key to ``path`` atomically (parents are created)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"field_{name}": np.asarray(value) for name, value in imp._asdict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.asarray(_key_text(key)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.atomic_write(
+        path, lambda f: np.savez(f, key=np.asarray(_key_text(key)), **arrays), binary=True
+    )
 
 
 def load(path: str | os.PathLike, key: dict) -> importance.Importance | None:

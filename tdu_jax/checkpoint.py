@@ -15,12 +15,13 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from tdu_jax import atomic
 
 PyTree = Any
 CHECKPOINT_NAME = "checkpoint"
@@ -53,16 +54,11 @@ def exists(directory: str | os.PathLike) -> bool:
 
 
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    atomic.atomic_write(path, write, binary=False)
 
 
 def save_model(

@@ -12,18 +12,18 @@ Environment variables:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tdu_jax import atomic
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -213,17 +213,11 @@ def save_npz_cache(split: Split, path: str | os.PathLike) -> None:
       split: uint8 (N, H, W, C) images and int32 (N,) labels.
       path: destination file; should end in ".npz".
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=np.asarray(split.images), labels=np.asarray(split.labels))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.atomic_write(
+        path,
+        lambda f: np.savez(f, images=np.asarray(split.images), labels=np.asarray(split.labels)),
+        binary=True,
+    )
 
 
 def _load_npz_cache(path: pathlib.Path, dataset: str) -> Split:

@@ -14,15 +14,15 @@ no pyplot, no global backend state).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 import numpy as np
+
+from tdu_jax import atomic
 
 # Reference numbers (METHOD.md): accuracies in % on the test split; ``forget`` is the accuracy
 # on the forgotten class (MNIST digit 0 / CIFAR-10 ship), ``retain`` on the other classes.
@@ -125,31 +125,6 @@ _ACC_KEYS = ("forget_acc", "retain_acc", "test_acc")
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool) -> None:
-    """Calls ``write(f)`` on a fresh temp file beside ``path``, then renames it over ``path``.
-
-    The temp file is created with mode 0o666 (less the umask) and removed if anything fails,
-    in which case an existing ``path`` is left untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(
-            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
-        ) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def to_jsonable(obj: Any) -> Any:
     """``obj`` as plain JSON types: numpy scalars/arrays -> Python, non-finite floats -> None.
 
@@ -187,7 +162,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(clean, f, indent=2, allow_nan=False, ensure_ascii=False)
         f.write("\n")
 
-    _atomic_write(path, write, binary=False)
+    atomic.atomic_write(path, write, binary=False)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -198,7 +173,7 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) atomically."""
-    _atomic_write(path, lambda f: f.write(text), binary=False)
+    atomic.atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 PARTIAL_MARK = "PARTIAL: run not finished"
@@ -207,7 +182,7 @@ PARTIAL_MARK = "PARTIAL: run not finished"
 def _save_figure(fig: Any, path: str | os.PathLike, partial: bool = False) -> None:
     if partial:  # an unfinished table must not pass for a final one
         fig.suptitle(PARTIAL_MARK, color="tab:red", fontweight="bold")
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    atomic.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
 def _figure(**kwargs: Any) -> Any:

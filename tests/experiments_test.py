@@ -280,11 +280,22 @@ def test_presets_match_method_rows(row, expected):
     assert presets.preset(row) is not presets.PRESETS[row]  # a copy
 
 
-def test_presets_tables_and_unknown():
-    assert presets.TABLES["lenet"] == ("L1", "L2", "L3", "L4")
-    assert set(presets.TABLES["cifar"]) >= {f"C{i}" for i in range(1, 11)}
-    assert presets.PRESETS["C8"]["selection"] == "random"
-    with pytest.raises(ValueError, match="--preset"):
+@pytest.mark.parametrize("row", [f"C{i}" for i in range(1, 9)])
+def test_cifar_presets_spend_the_reference_fine_tune_batches(row):
+    # CIFAR: 45,000 retain images, batch 128 -> 352 batches per epoch (METHOD.md).
+    from tdu_jax import report, unlearn
+
+    cfg = {**presets.preset(row)}
+    batches = cfg.get("finetune_batches", 0)
+    if cfg.get("finetune_epochs"):
+        batches = unlearn.epochs_to_batches(cfg["finetune_epochs"], 45000, 128)
+    ucfg = unlearn.UnlearnConfig(finetune=cfg["finetune"], finetune_batches=batches,
+                                 decay_steps=cfg["decay_steps"])  # fmt: skip
+    assert unlearn.planned_finetune_batches(ucfg) == report.REFERENCE[row]["finetune_batches"]
+
+
+def test_presets_unknown_row_is_a_usage_error():
+    with pytest.raises(ValueError, match="--preset must be one of .*L1.*C10"):
         presets.preset("X9")
 
 

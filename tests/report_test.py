@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -89,31 +91,37 @@ def test_reference_has_all_rows():
         assert report.REFERENCE[row]["finetune_batches"] is None
 
 
-@pytest.mark.parametrize(
-    "row, forget, retain, batches",
-    [
-        ("L1", 2.96, 92.12, None),
-        ("L2", 45.41, 81.75, None),
-        ("L3", 0.61, 99.07, None),
-        ("L4", 2.35, 98.66, None),
-        ("C1", 3.70, 87.28, 0),
-        ("C2", 63.20, 91.54, 352),
-        ("C4", 6.40, 91.28, 2112),
-        ("C5", 12.60, 90.92, 2112),
-        ("C6", 3.70, 89.67, 231),
-        ("C7", 4.40, 90.30, 272),
-        ("C8", 42.60, 90.66, 272),
-        ("C9", 3.80, 90.22, 345),
-        ("C10", 4.60, 90.61, 345),
-    ],
-)
-def test_reference_numbers(row, forget, retain, batches):
-    ref = report.REFERENCE[row]
-    assert (ref["forget"], ref["retain"], ref["finetune_batches"]) == (forget, retain, batches)
+def _method_md_rows() -> dict:
+    """The reference tables of ../shared/METHOD.md: {row id: (forget, retain, batches|None)}."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "METHOD.md"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and re.fullmatch(r"[LC]\d+", cells[0]):
+            numbers = [float(c) for c in cells[2:]]
+            rows[cells[0]] = (numbers[0], numbers[1], int(numbers[2]) if len(numbers) > 2 else None)
+    return rows
 
 
-def test_reference_base():
-    assert report.REFERENCE_BASE == {"cifar": {"forget": 96.10, "retain": 91.62, "overall": 92.07}}
+def test_reference_numbers_match_method_md():
+    rows = _method_md_rows()
+    assert sorted(rows) == sorted(r for r in report.REFERENCE if r in rows) and len(rows) == 14
+    for row, (forget, retain, batches) in rows.items():
+        ref = report.REFERENCE[row]
+        assert (ref["forget"], ref["retain"], ref["finetune_batches"]) == (forget, retain, batches)
+
+
+def test_reference_base_matches_method_md():
+    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "METHOD.md"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    text = path.read_text()
+    match = re.search(r"ship ([\d.]+),\s*retain ([\d.]+), overall ([\d.]+)", text)
+    forget, retain, overall = (float(g) for g in match.groups())
+    assert report.REFERENCE_BASE == {"cifar": {"forget": forget, "retain": retain,
+                                               "overall": overall}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- files

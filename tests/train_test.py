@@ -69,8 +69,17 @@ def test_bad_config_names_field(field, value):
         train.make_optimizer(config, 10)
 
 
-def test_default_config_is_valid():
-    train.validate_optimizer_config(train.OptimizerConfig())
+def test_default_config_first_step_by_hand():
+    # Defaults: SGD, lr 0.1 (cosine from the peak, no warm-up), momentum 0.9, L2 5e-4.
+    config = train.OptimizerConfig()
+    train.validate_optimizer_config(config)
+    tx = train.make_optimizer(config, 10)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, 0.25])}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # First step: momentum trace = gradient + 5e-4 * param; update = -lr(0) * trace.
+    expected = -0.1 * (np.array([0.5, 0.25]) + 5e-4 * np.array([1.0, -2.0]))
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
 
 
 def test_warmup_longer_than_schedule_is_an_error():
