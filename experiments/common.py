@@ -695,6 +695,8 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             "reused": precomputed is not None and imp is precomputed,
             "base_sample_accuracy": None if imp is None else imp.base_accuracy,
         },  # fmt: skip
+        "selected_norm_ratio": selected_norm_ratio(params, result.params, result.spec,
+                                                   result.selected),  # fmt: skip
         "timings": timings,
         "versions": versions(),
         "base_model": {k: v for k, v in base.items() if k not in ("acc", "per_class")},
@@ -712,6 +714,23 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     report.write_json_atomic(path, out)
     return out
+
+
+def selected_norm_ratio(before, after, spec, selected) -> float | None:
+    """L2 norm of the selected units' parameters after the run over before it.
+
+    Without fine-tuning this is exactly exp(-lambda * dt * T): a run whose decay did
+    nothing shows 1.0. None when nothing was selected.
+    """
+    if np.size(selected) == 0:
+        return None
+    mask = units.unit_mask(before, spec, selected)
+    norm = lambda tree: float(np.sqrt(sum(float(jnp.sum(jnp.where(m, p, 0.0) ** 2))
+                                          for p, m in zip(jax.tree.leaves(tree),
+                                                          jax.tree.leaves(mask),
+                                                          strict=True))))  # fmt: skip
+    base = norm(before)
+    return norm(after) / base if base > 0 else None
 
 
 def prepare_base(cfg: dict):

@@ -391,7 +391,8 @@ def summary_markdown(results: Sequence[dict], title: str, base: dict | None = No
             f"ours {_fmt(mean_of('base_test'))}."
         )
     if any(r["num_seeds"] > 1 for r in rows):
-        notes.append("Seeded rows show mean ± sample std (ddof=1) across seeds.")
+        notes.append("Rows over several runs show mean ± sample std (ddof=1) across them "
+                     "(seeds, or forget classes x seeds).")
     if notes:
         lines += [""] + notes
     return "\n".join(lines) + "\n"

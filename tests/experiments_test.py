@@ -5,6 +5,7 @@ Flags are defined only under ``if __name__ == "__main__":``, so every entry poin
 """
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -204,6 +205,9 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     assert list(rows) == ["L1", "L4"]
     _check_result(rows["L1"], decay_steps=2, finetune_batches=0)
     _check_result(rows["L4"], decay_steps=2, finetune_batches=42)  # 21 per step, 2 steps
+    # L1 decays the 20 selected weights by exp(-lambda * dt * T) and does nothing else.
+    lam, dt = rows["L1"]["config"]["lam"], rows["L1"]["config"]["dt"]
+    assert rows["L1"]["selected_norm_ratio"] == pytest.approx(math.exp(-lam * dt * 2), rel=1e-5)
     for row in ("L1", "L4"):
         assert rows[row]["importance"]["reused"]  # one importance pass shared by both rows
         assert (table_dir / f"{row}-seed0" / "result.json").is_file()
