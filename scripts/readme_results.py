@@ -1,0 +1,56 @@
+"""Rewrites README's forgetting-results block from a results folder's forgetting.json.
+
+    python scripts/readme_results.py results/lenet_forgetting_cpu_2026-11-27 \\
+        --title="LeNet-5 / MNIST, every digit, seed 0 (CPU)"
+
+Replaces the text between ``<!-- FORGETTING-RESULTS -->`` and ``<!-- /FORGETTING-RESULTS -->``
+(the end marker is added after the first when missing), so README's figures are the
+measured ones, never retyped.
+"""
+
+import argparse
+import json
+import pathlib
+
+from tdu_jax import forgetting_report as fr
+
+START, END = "<!-- FORGETTING-RESULTS -->", "<!-- /FORGETTING-RESULTS -->"
+KEYS = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery", "relearn_steps")
+
+
+def block(results: list[dict], title: str, source: str) -> str:
+    lines = [f"### {title}", "", f"From `{source}/forgetting.md` (mean ± std over requests; "
+             "unlearned / retrained / silenced control).", "",
+             "| row | requests | " + " | ".join(KEYS) + " | cost ratio % |",
+             "|---|---|" + "---|" * (len(KEYS) + 1)]  # fmt: skip
+    for row, group in fr.group_by_row(results).items():
+        cells = []
+        for key in KEYS:
+            parts = [fr.mean_std(fr.values(group, src, key))
+                     for src in ("final", "retrained", "control")]  # fmt: skip
+            cells.append(" / ".join(parts))
+        cost = fr.mean_std([100 * r["cost_ratio"] for r in group if r.get("cost_ratio")])
+        lines.append(f"| {row} | {len(group)} | " + " | ".join(cells) + f" | {cost} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=pathlib.Path)
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("README.md"))
+    args = parser.parse_args()
+    results = json.loads((args.folder / "forgetting.json").read_text())["results"]
+    text = args.readme.read_text()
+    if START not in text:
+        raise SystemExit(f"{args.readme} has no {START} marker")
+    if END not in text:
+        text = text.replace(START, f"{START}\n{END}", 1)
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = block(results, args.title, args.folder.as_posix())
+    args.readme.write_text(f"{head}{START}\n{new}{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
