@@ -83,9 +83,9 @@ def main(argv):
               f"{row['units_per_s']:>10.0f}/s")  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=2))
     if FLAGS.out:
-        from tdu_jax import report
+        from tdu_jax import result_files
 
-        report.write_json_atomic(FLAGS.out, result)
+        result_files.write_json_atomic(FLAGS.out, result)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, gold, mnist_lenet
-from tdu_jax import calibrate, data, methods, metrics, report, train
+from tdu_jax import calibrate, data, methods, metrics, plots, result_files, train
 from tdu_jax import forgetting_report as fr
 from tdu_jax.methods import finetune, ours, salun, scrub, ssd
 
@@ -153,13 +153,15 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
         out["final"] = out.pop("final_metrics")
         out["calibration"] = result.info.get("calibration")
     return {"row": method, "method": method, "config": common._public(cfg),
-            "method_config": report.to_jsonable(mcfg._asdict()), "info": info, **out}  # fmt: skip
+            "method_config": result_files.to_jsonable(mcfg._asdict()), "info": info,
+            **out}  # fmt: skip
 
 
 def write_outputs(workdir: pathlib.Path, cells: list[dict], dataset: str, partial: bool) -> None:
-    report.write_json_atomic(workdir / "compare.json", {"partial": partial, "cells": cells})
+    result_files.write_json_atomic(workdir / "compare.json", {"partial": partial, "cells": cells})
     text = fr.forgetting_markdown(cells, f"Methods compared on {dataset}", partial=partial)
-    report.write_text_atomic(workdir / "compare.md", table_markdown(cells, partial) + "\n" + text)
+    result_files.write_text_atomic(workdir / "compare.md",
+                                   table_markdown(cells, partial) + "\n" + text)  # fmt: skip
     plot_compare(cells, workdir)
 
 
@@ -182,7 +184,7 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
 
 def plot_compare(cells: list[dict], workdir: pathlib.Path) -> None:
     groups = fr.group_by_row(cells)
-    fig = report._figure(figsize=(6.0, 4.0), layout="tight")
+    fig = plots._figure(figsize=(6.0, 4.0), layout="tight")
     ax = fig.add_subplot()
     for method, group in groups.items():
         f = fr.values(group, "final", "forget_acc")
@@ -191,13 +193,13 @@ def plot_compare(cells: list[dict], workdir: pathlib.Path) -> None:
     ax.set_xlabel("forget accuracy (%)")
     ax.set_ylabel("retain accuracy (%)")
     ax.legend(fontsize=7, ncol=2)
-    report._save_figure(fig, workdir / "forget_vs_retain.png")
+    plots._save_figure(fig, workdir / "forget_vs_retain.png")
     names = list(groups)
     for what, source, keys, path in (
         ("MIA (%)", "final", ("mia_svc", "mia_entropy"), "mia.png"),
         ("cost ratio (vs retrain)", None, ("cost_ratio",), "cost.png"),
     ):
-        fig = report._figure(figsize=(max(6.0, 0.8 * len(names)), 3.6), layout="tight")
+        fig = plots._figure(figsize=(max(6.0, 0.8 * len(names)), 3.6), layout="tight")
         ax = fig.add_subplot()
         width = 0.8 / len(keys)
         for i, key in enumerate(keys):
@@ -211,7 +213,7 @@ def plot_compare(cells: list[dict], workdir: pathlib.Path) -> None:
         ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
         ax.set_ylabel(what)
         ax.legend(fontsize=7)
-        report._save_figure(fig, workdir / path)
+        plots._save_figure(fig, workdir / path)
 
 
 def parse_args(cfg: dict) -> tuple[list[str], list[list[int]], list[int]]:
@@ -262,21 +264,21 @@ def main(argv):
                 if not tuning_path.exists():
                     tuned = tune({**req, "val_fraction": FLAGS.val_fraction}, names, configs,
                                  model, params, bs, train_split)  # fmt: skip
-                    report.write_json_atomic(tuning_path, {"request": classes, "seed": seed,
+                    result_files.write_json_atomic(tuning_path, {"request": classes, "seed": seed,
                                                            "chosen": tuned})  # fmt: skip
-                tuned = report.read_json(tuning_path)["chosen"]
+                tuned = result_files.read_json(tuning_path)["chosen"]
                 configs = {n: scaled(c, tuned[n]["factor"]) if n in tuned else c
                            for n, c in configs.items()}  # fmt: skip
             for name in names:
                 path = cell_dir(req, name, classes, seed) / "result.json"
                 if path.exists():
                     logging.info("Skipping finished cell %s", path.parent.name)
-                    cells.append(report.read_json(path))
+                    cells.append(result_files.read_json(path))
                     continue
                 logging.info("Method %s, forget %s, seed %d", name, classes, seed)
                 cell = run_cell(req, name, configs[name], model, params, bs, train_split,
                                 test_split)  # fmt: skip
-                report.write_json_atomic(path, cell)
+                result_files.write_json_atomic(path, cell)
                 cells.append(cell)
                 write_outputs(workdir, cells, cfg["dataset"], partial=True)
     write_outputs(workdir, cells, cfg["dataset"], partial=False)

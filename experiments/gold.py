@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from tdu_jax import checkpoint, data, forgetting, report, unlearn
+from tdu_jax import checkpoint, data, forgetting, result_files, unlearn
 
 ACCURACY_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_train_acc", "retain_train_acc")
 ATTACK_KEYS = ("mia_svc", "mia_entropy", "mia_loss_auc", "probe_recovery", "relearn_steps",
@@ -62,7 +62,7 @@ def get_retrained_model(cfg: dict, model, train_split: data.Split):
     directory, rcfg = retrain_dir(cfg), retrain_config(cfg)
     if checkpoint.exists(directory):
         params, batch_stats, _ = checkpoint.restore_model(directory, rcfg)
-        seconds = report.read_json(directory / "train_history.json")["seconds"]
+        seconds = result_files.read_json(directory / "train_history.json")["seconds"]
         logging.info("Reusing retrained model %s", directory)
         return params, batch_stats, {"checkpoint": str(directory), "trained_now": False,
                                      "train_seconds": seconds}  # fmt: skip
@@ -78,7 +78,7 @@ def get_retrained_model(cfg: dict, model, train_split: data.Split):
     )  # fmt: skip
     seconds = time.perf_counter() - start
     checkpoint.save_model(directory, params, batch_stats, rcfg, overwrite=False)
-    report.write_json_atomic(directory / "train_history.json",
+    result_files.write_json_atomic(directory / "train_history.json",
                              {"history": history, "seconds": seconds})  # fmt: skip
     return params, batch_stats, {"checkpoint": str(directory), "trained_now": True,
                                  "train_seconds": seconds}  # fmt: skip
@@ -117,7 +117,7 @@ def reference_metrics(cfg, model, base_params, base_batch_stats, train_split, te
     if cache_key in _MEMO:
         return _MEMO[cache_key]
     if path.exists():
-        _MEMO[cache_key] = report.read_json(path)
+        _MEMO[cache_key] = result_files.read_json(path)
         return _MEMO[cache_key]
     params, batch_stats, info = get_retrained_model(cfg, model, train_split)
     retrained = model_metrics(cfg, model, params, batch_stats, train_split, test_split)
@@ -129,7 +129,7 @@ def reference_metrics(cfg, model, base_params, base_batch_stats, train_split, te
                             test_split, hist)  # fmt: skip
     out = {"retrained": retrained, "base": base, "control": control,
            "separates": separates(control, retrained, cfg["dataset"])}  # fmt: skip
-    report.write_json_atomic(path, out)
+    result_files.write_json_atomic(path, out)
     _MEMO[cache_key] = out
     return out
 

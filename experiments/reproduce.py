@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, mnist_lenet, presets
-from tdu_jax import data, decay, report
+from tdu_jax import data, decay, plots, reference, result_files, summary
 from tdu_jax import forgetting_report as fr
 
 flags.DEFINE_enum("table", "lenet", ["lenet", "cifar", "all"], "Which reference table.")
@@ -141,11 +141,11 @@ def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int],
                                               train_split, imp, spec)  # fmt: skip
                     req.update(sweep["chosen"])
                     sweeps[f"{req_name}-seed{seed}"] = sweep
-                    report.write_json_atomic(table_dir / "sweep.json", sweeps)
+                    result_files.write_json_atomic(table_dir / "sweep.json", sweeps)
                 k = decay.resolve_k(req["top_k"], spec.num_units)
                 title = f"{name}: accuracy drop per unit ({req_name}, seed {seed})"
                 plot_path = table_dir / f"importance-{req_name}-seed{seed}.png"
-                report.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
+                plots.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
             for row in rows:
                 row_cfg = row_config(req, row, seed, requests)
                 result = common.existing_result(row_cfg)
@@ -174,25 +174,25 @@ def aggregate(results: list[dict]) -> dict:
 
 def write_summary(name: str, table_dir: pathlib.Path, per_row: dict, partial: bool) -> None:
     results = [aggregate(rs) for rs in per_row.values() if rs]
-    base = report.REFERENCE_BASE.get(name)
+    base = reference.REFERENCE_BASE.get(name)
     done = [r for rs in per_row.values() for r in rs]
     requests = {(tuple(r["config"]["forget_class"]), r["config"]["seed"]) for r in done}
     title = f"{name} table ({len(requests)} request(s): forget classes x seeds)"
     if partial:
         title += " (PARTIAL: run not finished)"
-    report.write_json_atomic(table_dir / "summary.json",
+    result_files.write_json_atomic(table_dir / "summary.json",
                              {"table": name, "partial": partial, "results": results})  # fmt: skip
-    report.write_text_atomic(
-        table_dir / "summary.md", report.summary_markdown(results, title, base)
+    result_files.write_text_atomic(
+        table_dir / "summary.md", summary.summary_markdown(results, title, base)
     )
-    report.plot_history(results, table_dir / "history.png", partial=partial)
-    report.plot_bars(results, table_dir / "bars.png", partial=partial)
+    plots.plot_history(results, table_dir / "history.png", partial=partial)
+    plots.plot_bars(results, table_dir / "bars.png", partial=partial)
     if any(r.get("retrained") for r in done):
         dataset = TABLES[name]["dataset"]
         text = fr.forgetting_markdown(done, f"{name}: forgetting quality", GOALS[dataset],
                                       partial=partial)  # fmt: skip
-        report.write_text_atomic(table_dir / "forgetting.md", text)
-        report.write_json_atomic(table_dir / "forgetting.json", {"partial": partial,
+        result_files.write_text_atomic(table_dir / "forgetting.md", text)
+        result_files.write_json_atomic(table_dir / "forgetting.json", {"partial": partial,
                                  "results": done})  # fmt: skip
         names = data.class_names(dataset)
         for metric in ("forget_acc", "retain_acc", "mia_svc", "probe_recovery"):

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from experiments import cifar_ship, common  # noqa: E402
-from tdu_jax import data, decay, importance, models, report, train, units  # noqa: E402
+from tdu_jax import data, decay, importance, models, result_files, train, units  # noqa: E402
 
 flags.DEFINE_string("out", None, "Folder for the LeNet benchmark JSON.")
 FLAGS = flags.FLAGS
@@ -45,7 +45,7 @@ def lenet_benchmark(out: str | None) -> None:
     }  # fmt: skip
     logging.info("LeNet importance benchmark: %s", result)
     if out:
-        report.write_json_atomic(pathlib.Path(out) / "bench_lenet_gpu.json", result)
+        result_files.write_json_atomic(pathlib.Path(out) / "bench_lenet_gpu.json", result)
 
 
 def main(argv):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tdu_jax import report
+from tdu_jax import plots
 
 METRICS = ("forget_acc", "retain_acc", "forget_train_acc", "retain_train_acc", "mia_svc",
            "mia_entropy", "mia_loss_auc", "probe_recovery", "relearn_steps",
@@ -130,7 +130,7 @@ def forgetting_markdown(results: Sequence[dict], title: str, goals: Sequence[Goa
 def plot_per_class(results: Sequence[dict], class_names: Sequence[str],
                    path: str | os.PathLike, metric: str = "forget_acc") -> None:  # fmt: skip
     """Bars of ``metric`` per forget class: each row's mean over seeds beside retrained."""
-    fig = report._figure(figsize=(max(6.0, 0.9 * len(class_names)), 3.6), layout="tight")
+    fig = plots._figure(figsize=(max(6.0, 0.9 * len(class_names)), 3.6), layout="tight")
     ax = fig.add_subplot()
     groups = group_by_row([r for r in results if r.get("retrained")])
     series = {name: {} for name in groups}
@@ -153,4 +153,4 @@ def plot_per_class(results: Sequence[dict], class_names: Sequence[str],
     ax.set_xticks(x, class_names, rotation=45, ha="right")
     ax.set_ylabel(f"{metric} (mean over seeds)")
     ax.legend(fontsize=7, ncol=min(4, len(names)))
-    report._save_figure(fig, path)
+    plots._save_figure(fig, path)
