@@ -13,7 +13,10 @@ then units -> importance -> selection -> decay -> unlearning::
     params = tdu.apply_decay(params, tdu.unit_mask(params, spec, top), lam=0.1, dt=1.0, steps=7)
 
 ``apply_decay`` is ``decay.decay`` and ``run_unlearning`` is ``unlearn.unlearn``: the
-submodules ``tdu_jax.decay`` and ``tdu_jax.unlearn`` keep their names.
+submodules ``tdu_jax.decay`` and ``tdu_jax.unlearn`` keep their names. ``run_unlearning`` is a
+loop over step functions on an immutable ``UnlearnState`` (``init_unlearn``, ``select_units``,
+``decay_once``, ``finetune_once``, ``evaluate_state``, ``unlearn_result``) that drive a run
+step by step (see ``tdu_jax.unlearn``).
 """
 
 from tdu_jax.adapters import (
@@ -37,7 +40,19 @@ from tdu_jax.importance import Importance, ablation_importance, naive_importance
 from tdu_jax.metrics import evaluate, predict
 from tdu_jax.train import OptimizerConfig, fine_tune
 from tdu_jax.units import UnitSpec, ablate, enumerate_units, unit_mask, unit_name
-from tdu_jax.unlearn import UnlearnConfig, UnlearnData, UnlearnResult
+from tdu_jax.unlearn import (
+    UnlearnConfig,
+    UnlearnData,
+    UnlearnResult,
+    UnlearnSetup,
+    UnlearnState,
+    decay_once,
+    evaluate_state,
+    finetune_once,
+    init_unlearn,
+    select_units,
+    unlearn_result,
+)
 from tdu_jax.unlearn import unlearn as run_unlearning
 
 __version__ = "0.1.0"
@@ -54,18 +69,24 @@ __all__ = [
     "UnlearnConfig",
     "UnlearnData",
     "UnlearnResult",
+    "UnlearnSetup",
+    "UnlearnState",
     "ablate",
     "ablation_importance",
     "apply_decay",
     "as_model",
+    "decay_once",
     "decay_step",
     "enumerate_units",
     "evaluate",
+    "evaluate_state",
     "find_bn_pairs",
     "fine_tune",
+    "finetune_once",
     "from_function",
     "from_linen",
     "from_nnx",
+    "init_unlearn",
     "linen_bn_pairs",
     "naive_importance",
     "nnx_bn_pairs",
@@ -75,6 +96,8 @@ __all__ = [
     "run_unlearning",
     "select_random_k",
     "select_top_k",
+    "select_units",
     "unit_mask",
     "unit_name",
+    "unlearn_result",
 ]

@@ -3,6 +3,17 @@
 ``unlearn`` is one pure function of (model, params, batch_stats, data, config, key);
 baselines go through it too: random-K (``selection='random'``), fine-tune only
 (``decay_steps=0``), and ``retrain_from_scratch`` on the retain set.
+
+``unlearn`` is a thin loop over public step functions on an immutable ``UnlearnState``,
+so a run can be driven by hand::
+
+    setup, state = init_unlearn(model, params, batch_stats, dataset="mnist",
+                                data_in=data_in, config=config, key=key)
+    state = select_units(setup, state)
+    for _ in range(config.decay_steps):
+        state = decay_once(setup, state)
+    state = evaluate_state(setup, finetune_once(setup, state))
+    result = unlearn_result(setup, state)
 """
 
 import math
@@ -112,6 +123,273 @@ def planned_finetune_batches(config: UnlearnConfig) -> int:
     return config.finetune_batches if config.finetune == "after_all" else 0
 
 
+class Timings(NamedTuple):
+    """Wall-clock seconds spent so far, per phase."""
+
+    importance: float = 0.0
+    decay: float = 0.0
+    finetune: float = 0.0
+    eval: float = 0.0
+
+
+class UnlearnSetup(NamedTuple):
+    """What stays fixed through one run; ``init_unlearn`` builds it after validating."""
+
+    model: nn.Module
+    config: UnlearnConfig
+    data_in: UnlearnData
+    spec: units.UnitSpec  # the candidate units of params
+    dataset: str | None
+    preprocess: Callable | None
+    loss_fn: Callable | None
+    prep: Callable  # stored images -> model inputs (from dataset / preprocess)
+    sample_x: Any  # the importance sample as model inputs, (N, ...)
+    sample_y: np.ndarray  # its labels, int32 (N,)
+    select_key: jax.Array  # random-K selection
+    finetune_key: jax.Array  # order of the fine-tune batch stream
+    precomputed: importance.Importance | None  # importance of the input params, to reuse
+    event: Event
+
+
+class UnlearnState(NamedTuple):
+    """A run so far. Step functions return a new state and leave their input as it was."""
+
+    params: PyTree
+    batch_stats: PyTree
+    selected: np.ndarray  # int64 (K,): sorted global unit indices to decay (empty: none yet)
+    importance: importance.Importance | None  # the last importance computed or reused
+    step: int  # decay steps done
+    finetune_batches: int  # fine-tune batches spent: the batch stream's position
+    history: tuple[dict, ...]  # one record per evaluate_state
+    timings: Timings
+
+
+def _no_event(phase: str, info: dict) -> None:
+    pass
+
+
+def _add_seconds(timings: Timings, phase: str, start: float) -> Timings:
+    return timings._replace(**{phase: getattr(timings, phase) + (time.perf_counter() - start)})
+
+
+def init_unlearn(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    *,
+    dataset: str | None = None,
+    data_in: UnlearnData,
+    config: UnlearnConfig,
+    key: jax.Array,
+    event: Event | None = None,
+    precomputed: importance.Importance | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: Callable | None = None,
+) -> tuple[UnlearnSetup, UnlearnState]:
+    """Validates a run and returns its setup and its state before any step.
+
+    Arguments as ``unlearn``. Raises ValueError on a bad config or a missing sample, before
+    any work.
+
+    Returns:
+      ``(setup, state)``: ``state`` holds the input params and batch_stats (not copied, never
+      modified), step 0, no units selected, no fine-tune batches, an empty history.
+    """
+    spec = units.enumerate_units(
+        params,
+        config.granularity,
+        config.include,
+        config.exclude,
+        config.include_bn,
+        bn_pairs=config.bn_pairs,
+    )
+    validate_unlearn_config(config, spec.num_units)
+    if data_in.importance_sample.size == 0 and config.selection == "topk":
+        raise ValueError("importance sample is empty")
+    if config.importance_score == "selective" and config.selection == "topk":
+        if data_in.retain_sample is None or data_in.retain_sample.size == 0:
+            raise ValueError("importance_score=selective needs a non-empty retain_sample")
+    select_key, finetune_key = jax.random.split(key)
+    prep = adapters.preprocess_fn(dataset, preprocess)
+    setup = UnlearnSetup(
+        model=model,
+        config=config,
+        data_in=data_in,
+        spec=spec,
+        dataset=dataset,
+        preprocess=preprocess,
+        loss_fn=loss_fn,
+        prep=prep,
+        sample_x=prep(data_in.importance_sample.images),
+        sample_y=np.asarray(data_in.importance_sample.labels, np.int32),
+        select_key=select_key,
+        finetune_key=finetune_key,
+        precomputed=precomputed,
+        event=event or _no_event,
+    )
+    state = UnlearnState(
+        params=params,
+        batch_stats=batch_stats,
+        selected=np.zeros(0, np.int64),
+        importance=None,
+        step=0,
+        finetune_batches=0,
+        history=(),
+        timings=Timings(),
+    )
+    return setup, state
+
+
+def evaluate_state(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
+    """Appends a history record of the current model and reports it as a ``step`` event.
+
+    The record holds ``step`` and ``finetune_batches`` and, with ``config.evaluate_each_step``,
+    ``forget_acc``/``retain_acc``/``test_acc`` (% on ``data_in.test``).
+    """
+    record = {"step": state.step, "finetune_batches": state.finetune_batches}
+    timings = state.timings
+    if setup.config.evaluate_each_step:
+        start = time.perf_counter()
+        acc = metrics.evaluate(
+            setup.model,
+            state.params,
+            state.batch_stats,
+            setup.data_in.test,
+            dataset=setup.dataset,
+            forget_classes=setup.data_in.forget_classes,
+            preprocess=setup.preprocess,
+        )
+        record.update({k: acc[k] for k in ("forget_acc", "retain_acc", "test_acc")})
+        timings = _add_seconds(timings, "eval", start)
+    setup.event("step", record)
+    return state._replace(history=(*state.history, record), timings=timings)
+
+
+def _score(
+    setup: UnlearnSetup, state: UnlearnState, images_x: Any, labels_y: np.ndarray
+) -> importance.Importance:
+    return importance.ablation_importance(
+        setup.model,
+        state.params,
+        state.batch_stats,
+        images_x,
+        labels_y,
+        setup.spec,
+        unit_chunk=setup.config.unit_chunk,
+        sample_batch=setup.config.sample_batch,
+        loss_fn=setup.loss_fn,
+        progress=lambda done, total, s: setup.event(
+            "importance", {"done": done, "total": total, "seconds": s}
+        ),
+    )
+
+
+def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
+    """Chooses the units to decay: top-K by importance of the current params, or random-K.
+
+    Top-K reuses ``setup.precomputed`` while the params are still the input ones (no decay
+    step and no fine-tuning yet); otherwise it scores every unit on the importance sample
+    (and, for the selective score, on the retain sample). Random-K draws with
+    ``setup.select_key`` and computes no importance.
+
+    Returns:
+      state with ``selected`` (int64 (K,), sorted global unit indices) and ``importance``
+      (None for random-K).
+    """
+    config = setup.config
+    if config.selection == "random":
+        selected = decay.select_random_k(setup.select_key, setup.spec.num_units, config.top_k)
+        return state._replace(selected=selected, importance=None)
+    if setup.precomputed is not None and state.step == 0 and state.finetune_batches == 0:
+        if setup.precomputed.units.size != setup.spec.num_units:
+            raise ValueError("precomputed importance does not cover every unit of params")
+        selected = decay.select_top_k(setup.precomputed, config.top_k)
+        return state._replace(selected=selected, importance=setup.precomputed)
+    start = time.perf_counter()
+    imp = _score(setup, state, setup.sample_x, setup.sample_y)
+    if config.importance_score == "selective":
+        retain = setup.data_in.retain_sample
+        retain_imp = _score(
+            setup, state, setup.prep(retain.images), np.asarray(retain.labels, np.int32)
+        )
+        imp = selective.selective_importance(imp, retain_imp, config.selective_beta)
+    timings = _add_seconds(state.timings, "importance", start)
+    selected = decay.select_top_k(imp, config.top_k)
+    return state._replace(selected=selected, importance=imp, timings=timings)
+
+
+def decay_once(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
+    """One decay step: the selected units' entries times ``exp(-lam * dt)``, others unchanged.
+
+    Returns:
+      state with the decayed params and ``step`` + 1 (nothing selected: params unchanged).
+    """
+    start = time.perf_counter()
+    mask = units.unit_mask(state.params, setup.spec, state.selected)
+    params = decay.decay_step(state.params, mask, setup.config.lam, setup.config.dt)
+    timings = _add_seconds(state.timings, "decay", start)
+    return state._replace(params=params, step=state.step + 1, timings=timings)
+
+
+def finetune_once(
+    setup: UnlearnSetup, state: UnlearnState, num_batches: int | None = None
+) -> UnlearnState:
+    """Fine-tunes on the retain train set with a fresh optimizer; the batch stream continues.
+
+    Args:
+      setup: the run's setup.
+      state: the run so far; its ``finetune_batches`` is the stream position to start at.
+      num_batches: batches to run, >= 0 (default: ``config.finetune_batches``).
+
+    Returns:
+      state with the fine-tuned params and batch_stats and ``finetune_batches`` +
+      ``num_batches`` (0 batches: ``state`` itself).
+    """
+    config = setup.config
+    num_batches = config.finetune_batches if num_batches is None else num_batches
+    if num_batches == 0:
+        return state
+    start = time.perf_counter()
+    params, batch_stats, _ = train.fine_tune(
+        setup.model,
+        state.params,
+        state.batch_stats,
+        setup.data_in.retain_train,
+        dataset=setup.dataset,
+        config=config.finetune_optimizer,
+        num_batches=num_batches,
+        batch_size=config.batch_size,
+        key=setup.finetune_key,
+        augment=config.augment,
+        start_batch=state.finetune_batches,
+        preprocess=setup.preprocess,
+        loss_fn=setup.loss_fn,
+        progress=lambda done, total, m: setup.event(
+            "finetune", {"done": done, "total": total, **m}
+        ),
+    )
+    return state._replace(
+        params=params,
+        batch_stats=batch_stats,
+        finetune_batches=state.finetune_batches + num_batches,
+        timings=_add_seconds(state.timings, "finetune", start),
+    )
+
+
+def unlearn_result(setup: UnlearnSetup, state: UnlearnState) -> UnlearnResult:
+    """The ``UnlearnResult`` of a state (history as a list, timings as a dict)."""
+    return UnlearnResult(
+        params=state.params,
+        batch_stats=state.batch_stats,
+        selected=state.selected,
+        importance=state.importance,
+        spec=setup.spec,
+        history=list(state.history),
+        finetune_batches=state.finetune_batches,
+        timings=state.timings._asdict(),
+    )
+
+
 def unlearn(
     model: nn.Module,
     params: PyTree,
@@ -127,6 +405,9 @@ def unlearn(
     loss_fn: Callable | None = None,
 ) -> UnlearnResult:
     """Runs one unlearning configuration from a trained model.
+
+    A loop over the step functions (``init_unlearn``, ``evaluate_state``, ``select_units``,
+    ``decay_once``, ``finetune_once``, ``unlearn_result``); call them to drive a run by hand.
 
     Args:
       model: the Flax model (``stages()`` gives the fast importance path).
@@ -148,124 +429,24 @@ def unlearn(
       ``UnlearnResult``; history entries hold ``step``, ``finetune_batches`` and, when
       ``evaluate_each_step``, ``forget_acc``/``retain_acc``/``test_acc`` (% on test).
     """
-    spec = units.enumerate_units(
-        params,
-        config.granularity,
-        config.include,
-        config.exclude,
-        config.include_bn,
-        bn_pairs=config.bn_pairs,
-    )
-    validate_unlearn_config(config, spec.num_units)
-    if data_in.importance_sample.size == 0 and config.selection == "topk":
-        raise ValueError("importance sample is empty")
-    if config.importance_score == "selective" and config.selection == "topk":
-        if data_in.retain_sample is None or data_in.retain_sample.size == 0:
-            raise ValueError("importance_score=selective needs a non-empty retain_sample")
-    emit = event or (lambda phase, info: None)
-    select_key, finetune_key = jax.random.split(key)
-    timings = dict.fromkeys(("importance", "decay", "finetune", "eval"), 0.0)
-    prep = adapters.preprocess_fn(dataset, preprocess)
-    sample_x = prep(data_in.importance_sample.images)
-    sample_y = np.asarray(data_in.importance_sample.labels, np.int32)
-    history: list[dict] = []
-    spent = 0
-
-    def evaluate(step: int) -> None:
-        record = {"step": step, "finetune_batches": spent}
-        if config.evaluate_each_step:
-            start = time.perf_counter()
-            acc = metrics.evaluate(
-                model,
-                params,
-                batch_stats,
-                data_in.test,
-                dataset=dataset,
-                forget_classes=data_in.forget_classes,
-                preprocess=preprocess,
-            )
-            record.update({k: acc[k] for k in ("forget_acc", "retain_acc", "test_acc")})
-            timings["eval"] += time.perf_counter() - start
-        history.append(record)
-        emit("step", record)
-
-    def score(images_x, labels_y) -> importance.Importance:
-        return importance.ablation_importance(
-            model,
-            params,
-            batch_stats,
-            images_x,
-            labels_y,
-            spec,
-            unit_chunk=config.unit_chunk,
-            sample_batch=config.sample_batch,
-            loss_fn=loss_fn,
-            progress=lambda done, total, s: emit(
-                "importance", {"done": done, "total": total, "seconds": s}
-            ),
-        )
-
-    def select(reuse: bool) -> tuple[np.ndarray, importance.Importance | None]:
-        if config.selection == "random":
-            return decay.select_random_k(select_key, spec.num_units, config.top_k), None
-        if reuse and precomputed is not None:
-            if precomputed.units.size != spec.num_units:
-                raise ValueError("precomputed importance does not cover every unit of params")
-            return decay.select_top_k(precomputed, config.top_k), precomputed
-        start = time.perf_counter()
-        imp = score(sample_x, sample_y)
-        if config.importance_score == "selective":
-            retain_x = prep(data_in.retain_sample.images)
-            retain_y = np.asarray(data_in.retain_sample.labels, np.int32)
-            imp = selective.selective_importance(
-                imp, score(retain_x, retain_y), config.selective_beta
-            )
-        timings["importance"] += time.perf_counter() - start
-        return decay.select_top_k(imp, config.top_k), imp
-
-    def finetune(num_batches: int) -> None:
-        nonlocal params, batch_stats, spent
-        if num_batches == 0:
-            return
-        start = time.perf_counter()
-        params, batch_stats, _ = train.fine_tune(
-            model,
-            params,
-            batch_stats,
-            data_in.retain_train,
-            dataset=dataset,
-            config=config.finetune_optimizer,
-            num_batches=num_batches,
-            batch_size=config.batch_size,
-            key=finetune_key,
-            augment=config.augment,
-            start_batch=spent,
-            preprocess=preprocess,
-            loss_fn=loss_fn,
-            progress=lambda done, total, m: emit("finetune", {"done": done, "total": total, **m}),
-        )
-        spent += num_batches
-        timings["finetune"] += time.perf_counter() - start
-
-    evaluate(0)
-    selected, imp = np.zeros(0, np.int64), None
+    setup, state = init_unlearn(
+        model, params, batch_stats, dataset=dataset, data_in=data_in, config=config, key=key,
+        event=event, precomputed=precomputed, preprocess=preprocess, loss_fn=loss_fn,
+    )  # fmt: skip
+    state = evaluate_state(setup, state)
     if config.decay_steps > 0:
-        selected, imp = select(reuse=True)
+        state = select_units(setup, state)
     for step in range(1, config.decay_steps + 1):
         if config.reestimate and step > 1 and config.selection == "topk":
-            selected, imp = select(reuse=False)  # params have decayed since
-        start = time.perf_counter()
-        mask = units.unit_mask(params, spec, selected)
-        params = decay.decay_step(params, mask, config.lam, config.dt)
-        timings["decay"] += time.perf_counter() - start
+            state = select_units(setup, state)  # params have decayed since
+        state = decay_once(setup, state)
         if config.finetune == "after_each":
-            finetune(config.finetune_batches)
+            state = finetune_once(setup, state)
         if step < config.decay_steps or config.finetune != "after_all":
-            evaluate(step)
+            state = evaluate_state(setup, state)
     if config.finetune == "after_all":
-        finetune(config.finetune_batches)
-        evaluate(config.decay_steps)
-    return UnlearnResult(params, batch_stats, selected, imp, spec, history, spent, timings)
+        state = evaluate_state(setup, finetune_once(setup, state))
+    return unlearn_result(setup, state)
 
 
 def request_importance(
@@ -281,18 +462,18 @@ def request_importance(
 ) -> tuple[importance.Importance, units.UnitSpec]:
     """Importance of every unit for the request (``config.importance_score``) and the unit spec.
 
-    The pipeline's own scoring, run once with one no-op decay step (lambda = 0), so a caller
+    The pipeline's own scoring (``init_unlearn`` then ``select_units``, no decay), so a caller
     can size the decay (``tdu_jax.calibrate``) before the real run reuses it (``precomputed``).
     """
     scoring = config._replace(
         decay_steps=1, lam=0.0, selection="topk", reestimate=False, finetune="none",
         finetune_batches=0, evaluate_each_step=False, top_k=1,
     )  # fmt: skip
-    result = unlearn(
+    setup, state = init_unlearn(
         model, params, batch_stats, dataset=dataset, data_in=data_in, config=scoring,
         key=jax.random.key(0), preprocess=preprocess, loss_fn=loss_fn,
     )  # fmt: skip
-    return result.importance, result.spec
+    return select_units(setup, state).importance, setup.spec
 
 
 def retrain_from_scratch(

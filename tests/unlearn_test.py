@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import tdu_jax as tdu
 from tdu_jax import data, decay, importance, metrics, models, train, units, unlearn
 
 # Filter units of the dense layers only (120 + 84 + 10 = 214): three jitted chunk functions.
@@ -43,17 +44,23 @@ def setup(tfds_dir):
     return model, params, batch_stats, data_in
 
 
-def _run(setup, key=0, **overrides):
+def _call(fn, setup, config, key=0, events=None):
+    """``fn`` (``unlearn`` or ``init_unlearn``) on the fixture; ``events`` collects events."""
     model, params, batch_stats, data_in = setup
-    return unlearn.unlearn(
+    return fn(
         model,
         params,
         batch_stats,
         dataset="mnist",
         data_in=data_in,
-        config=_BASE._replace(**overrides),
+        config=config,
         key=jax.random.key(key),
+        event=None if events is None else lambda phase, info: events.append((phase, info)),
     )
+
+
+def _run(setup, key=0, **overrides):
+    return _call(unlearn.unlearn, setup, _BASE._replace(**overrides), key)
 
 
 def _spec(params, config=_BASE):
@@ -357,6 +364,92 @@ def test_events(setup):
     assert progress[-1]["done"] == progress[-1]["total"] == _NUM_UNITS
     finetune = [info for phase, info in events if phase == "finetune"]
     assert finetune[-1]["done"] == finetune[-1]["total"] == 2
+
+
+# ---------------------------------------------------------------- step functions
+def _assert_results_equal(a, b):
+    chex.assert_trees_all_equal((a.params, a.batch_stats), (b.params, b.batch_stats))
+    np.testing.assert_array_equal(a.selected, b.selected)
+    if a.importance is None:
+        assert b.importance is None
+    else:
+        chex.assert_trees_all_equal(
+            a.importance._replace(seconds=0.0), b.importance._replace(seconds=0.0)
+        )
+    assert a.spec == b.spec
+    assert a.history == b.history and isinstance(b.history, list)
+    assert a.finetune_batches == b.finetune_batches
+    assert list(a.timings) == list(b.timings) == ["importance", "decay", "finetune", "eval"]
+
+
+def test_step_functions_are_exported():
+    assert tdu.init_unlearn is unlearn.init_unlearn and tdu.UnlearnState is unlearn.UnlearnState
+    for name in ("select_units", "decay_once", "finetune_once", "evaluate_state", "unlearn_result"):
+        assert getattr(tdu, name) is getattr(unlearn, name) and name in tdu.__all__
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # Top-K re-estimated before step 2, one fine-tune batch after each step, evaluated.
+        dict(reestimate=True, finetune="after_each", finetune_batches=1, evaluate_each_step=True),
+        # Random-K, fine-tuned after all steps.
+        dict(selection="random", finetune="after_all", finetune_batches=2),
+    ],
+)
+def test_driving_the_steps_by_hand_equals_unlearn(setup, overrides):
+    config = _BASE._replace(**overrides)  # decay_steps=2
+    expected_events, events = [], []
+    expected = _call(unlearn.unlearn, setup, config, key=7, events=expected_events)
+    ctx, state = _call(unlearn.init_unlearn, setup, config, key=7, events=events)
+    assert (state.step, state.finetune_batches, state.history, state.selected.size) == (0, 0, (), 0)
+    state = unlearn.evaluate_state(ctx, state)  # history: step 0
+    state = unlearn.select_units(ctx, state)
+    state = unlearn.decay_once(ctx, state)
+    if config.finetune == "after_each":
+        state = unlearn.finetune_once(ctx, state)
+        state = unlearn.evaluate_state(ctx, state)
+        state = unlearn.select_units(ctx, state)  # re-estimated on the decayed, fine-tuned model
+        state = unlearn.decay_once(ctx, state)
+        state = unlearn.finetune_once(ctx, state)
+    else:
+        state = unlearn.evaluate_state(ctx, state)
+        state = unlearn.decay_once(ctx, state)
+        state = unlearn.finetune_once(ctx, state)
+    state = unlearn.evaluate_state(ctx, state)
+    assert state.step == 2
+    _assert_results_equal(expected, unlearn.unlearn_result(ctx, state))
+    steps = [info for phase, info in events if phase == "step"]
+    assert steps == [info for phase, info in expected_events if phase == "step"]
+    assert [p for p, _ in events] == [p for p, _ in expected_events]
+
+
+def test_step_functions_do_not_mutate_their_input_state(setup, no_importance):
+    config = _BASE._replace(
+        selection="random", finetune="after_each", finetune_batches=1, evaluate_each_step=True
+    )
+    ctx, state = _call(unlearn.init_unlearn, setup, config)
+    state = unlearn.select_units(ctx, unlearn.evaluate_state(ctx, state))
+    steps = [
+        unlearn.select_units,
+        unlearn.decay_once,
+        unlearn.finetune_once,
+        unlearn.evaluate_state,
+        unlearn.unlearn_result,
+    ]
+    for step in steps:
+        leaves, treedef = jax.tree.flatten(state)
+        before = [np.array(leaf, copy=True) for leaf in leaves]
+        out = step(ctx, state)
+        assert out is not state
+        after, after_treedef = jax.tree.flatten(state)
+        assert after_treedef == treedef, step.__name__
+        for b, a in zip(before, after, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=step.__name__)
+        if step is not unlearn.unlearn_result:
+            state = out
+    # Each step did its one thing.
+    assert (state.step, state.finetune_batches, len(state.history)) == (1, 1, 2)
 
 
 # ---------------------------------------------------------------- validation
