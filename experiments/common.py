@@ -34,8 +34,9 @@ from tdu_jax import (
     importance,
     metrics,
     models,
-    report,
+    result_files,
     selective,
+    summary,
     train,
     units,
     unlearn,
@@ -117,8 +118,12 @@ def define_flags(**defaults) -> None:
                         "Comma list of K values the calibration sweep tries.")
     flags.DEFINE_string("sweep_dt", d.get("sweep_dt", "0.25,0.5,1"),
                         "Comma list of dt values the calibration sweep tries.")
-    flags.DEFINE_float("sweep_forget_max", 5.0,
+    flags.DEFINE_float("sweep_forget_max", d.get("sweep_forget_max", 5.0),
                        "Calibration rule: forget-train accuracy ceiling in percent.")
+    flags.DEFINE_bool("calibrate_finetune", d.get("calibrate_finetune", True),
+                      "With --calibrate on a row that fine-tunes: keep the least damaging "
+                      "sweep point whose forget-train accuracy stays under --sweep_forget_max "
+                      "after the row's own fine-tuning (bisection; a few runs of the row).")
     flags.DEFINE_bool("compare_retrain", d.get("compare_retrain", False),
                       "Also train/reuse the model retrained without the forget classes and "
                       "report MIAs, probe recovery, relearn steps and the gap to it.")
@@ -486,7 +491,7 @@ def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
         logging.info("epoch %d: %s", record["epoch"], record)
     checkpoint.save_model(directory, params, batch_stats, base_cfg,
                           overwrite=cfg["retrain_base"])  # fmt: skip
-    report.write_json_atomic(directory / "train_history.json", {"history": history,
+    result_files.write_json_atomic(directory / "train_history.json", {"history": history,
                              "seconds": seconds})  # fmt: skip
     return (
         model,
@@ -573,6 +578,47 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> 
     return sweep
 
 
+def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, precomputed):
+    """``sweep``'s points checked through cfg's own decay and fine-tuning
+    (``calibrate.confirm_after_finetune``); a sweep made with another lambda or T (e.g. the
+    table's no-fine-tune row) is first redone with cfg's."""
+    if (sweep["lambda"], sweep["decay_steps"]) != (cfg["lam"], cfg["decay_steps"]):
+        spec = unit_spec(cfg, params)
+        sweep = calibrate_decay(cfg, model, params, batch_stats, train_split, precomputed, spec)
+    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    sample = importance_sample(cfg, train_split)
+    extra = retain_sample(cfg, train_split) if cfg["importance_score"] == "selective" else None
+
+    def run(top_k, dt):
+        ucfg = unlearn_config({**cfg, "top_k": top_k, "dt": dt}, retain.size)
+        logging.info("Calibration: checking K=%s dt=%s through the row's fine-tuning", top_k, dt)
+        result = unlearn.unlearn(
+            model, params, batch_stats, dataset=cfg["dataset"],
+            data_in=unlearn.UnlearnData(sample, retain, _empty(train_split),
+                                        tuple(cfg["forget_class"]), extra),
+            config=ucfg._replace(evaluate_each_step=False), key=run_key(cfg),
+            precomputed=precomputed,
+        )  # fmt: skip
+        return result.params, result.batch_stats
+
+    confirmed = calibrate.confirm_after_finetune(
+        model, sweep=sweep, run=run, dataset=cfg["dataset"], forget_train=forget,
+        retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0),
+    )  # fmt: skip
+    logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
+                 confirmed["chosen_point"])  # fmt: skip
+    return confirmed
+
+
+def run_key(cfg: dict) -> jax.Array:
+    """The unlearning run's key (random-K selection and fine-tune batch order)."""
+    return jax.random.fold_in(jax.random.key(cfg["seed"]), 1)
+
+
+def _empty(split: data.Split) -> data.Split:
+    return data.Split(split.images[:0], split.labels[:0])
+
+
 SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
 
 
@@ -606,7 +652,7 @@ def existing_result(cfg: dict) -> dict | None:
     path = run_dir(cfg) / "result.json"
     if not path.exists():
         return None
-    saved = report.read_json(path)
+    saved = result_files.read_json(path)
     if checkpoint.config_key(saved.get("config", {})) == checkpoint.config_key(_public(cfg)):
         return saved
     if not cfg["overwrite"]:
@@ -642,6 +688,14 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             importance_seconds = time.perf_counter() - importance_start
         calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
                                       precomputed, spec)  # fmt: skip
+    if calibration is not None and cfg["calibrate_finetune"] and cfg["finetune"] != "none":
+        if precomputed is None and cfg["selection"] == "topk" and not cfg["reestimate"]:
+            importance_start = time.perf_counter()
+            precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
+                                             unit_spec(cfg, params))  # fmt: skip
+            importance_seconds = time.perf_counter() - importance_start
+        calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
+                                          calibration, precomputed)  # fmt: skip
     if calibration is not None:
         cfg = {**cfg, **calibration["chosen"]}
     if precomputed is None and cfg["selection"] == "topk" and not cfg["reestimate"]:
@@ -666,7 +720,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             sample, retain_train, test_split, tuple(cfg["forget_class"]),
             retain_sample(cfg, train_split) if cfg["importance_score"] == "selective" else None,
         ),
-        config=ucfg, key=jax.random.fold_in(jax.random.key(cfg["seed"]), 1), event=event,
+        config=ucfg, key=run_key(cfg), event=event,
         precomputed=precomputed,
     )  # fmt: skip
     eval_start = time.perf_counter()
@@ -712,7 +766,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
         out.update(report_)
     path = run_dir(cfg) / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    report.write_json_atomic(path, out)
+    result_files.write_json_atomic(path, out)
     return out
 
 
@@ -826,9 +880,9 @@ def main_single(dataset: str) -> None:
     )
     if done is not None:
         logging.info("Result exists for this config: %s", run_dir(cfg) / "result.json")
-        print(report.print_summary(done))
+        print(summary.print_summary(done))
         return
     train_split, test_split, model, params, batch_stats, base = prepare_base(cfg)
     out = run_one(cfg, model, params, batch_stats, base, train_split, test_split)
-    print(report.print_summary(out))
+    print(summary.print_summary(out))
     print(f"result: {run_dir(cfg) / 'result.json'}")

@@ -9,9 +9,23 @@ only and picks one by a fixed rule:
     <= ``forget_max`` (%); if none reaches it, the lowest forget-train accuracy.
 
 Test data is never looked at, so the choice can be made for every class and seed.
+
+A decay that only just silences the class is undone by fine-tuning on the retained classes
+(the weights keep most of their size and retain gradients pull them back). When the run
+fine-tunes, ``confirm_after_finetune`` therefore checks the sweep's points through the run
+itself:
+
+    among the points with forget-train accuracy <= ``forget_max`` before fine-tuning, take
+    them in order of least damage (highest retain-train accuracy before fine-tuning) and keep
+    the least damaging one whose forget-train accuracy is still <= ``forget_max`` after the
+    run's own decay and fine-tuning; if none holds, the tried point with the lowest
+    forget-train accuracy after fine-tuning.
+
+The search bisects that order (forget accuracy after fine-tuning falls as the damage grows),
+so it costs at most 1 + ceil(log2(candidates)) runs of the row (decay plus its fine-tuning).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +34,8 @@ from tdu_jax import data, decay, metrics, units
 from tdu_jax.importance import Importance
 
 PyTree = Any
+# (top_k, dt) -> (params, batch_stats) after the run's decay steps and fine-tuning.
+RunFn = Callable[[int | float, float], tuple[PyTree, PyTree]]
 
 
 def choose(points: Sequence[dict], forget_max: float) -> dict:
@@ -76,11 +92,8 @@ def sweep_decay(
         mask = units.unit_mask(params, spec, selected)
         for dt in dts:
             decayed = decay.decay(params, mask, lam, dt, decay_steps)
-            accs = {}
-            for name, split in (("forget_train_acc", forget_train),
-                                ("retain_train_acc", retain_train)):  # fmt: skip
-                pred = metrics.predict(model, decayed, batch_stats, split.images, dataset=dataset)
-                accs[name] = metrics.accuracy(pred, split.labels)
+            accs = train_accuracies(model, decayed, batch_stats, dataset, forget_train,
+                                    retain_train)  # fmt: skip
             points.append({"top_k": k, "dt": float(dt), "units": int(selected.size), **accs})
     best = choose(points, forget_max)
     return {
@@ -92,6 +105,88 @@ def sweep_decay(
         "forget_max": forget_max,
         "chosen_point": dict(best),
     }
+
+
+def train_accuracies(model, params, batch_stats, dataset, forget_train, retain_train) -> dict:
+    """{"forget_train_acc", "retain_train_acc"} in % on the two training samples."""
+    accs = {}
+    for name, split in (("forget_train_acc", forget_train), ("retain_train_acc", retain_train)):
+        pred = metrics.predict(model, params, batch_stats, split.images, dataset=dataset)
+        accs[name] = metrics.accuracy(pred, split.labels)
+    return accs
+
+
+def choose_after_finetune(sweep: dict, after: Callable[[dict], dict]) -> dict:
+    """The module docstring's fine-tune rule over ``sweep``'s points (from ``sweep_decay``).
+
+    Args:
+      sweep: ``sweep_decay``'s output (points scored before fine-tuning, ``forget_max``).
+      after: point -> {"forget_train_acc", "retain_train_acc"} (%) after the run's decay and
+        fine-tuning with the point's (top_k, dt); called once per tried point.
+
+    Returns:
+      ``sweep`` with ``chosen``/``chosen_point`` replaced by the chosen point, ``tried`` (each
+      tried point with ``forget_train_acc_after``/``retain_train_acc_after``), ``rule`` and
+      ``confirmed`` (True when the chosen point held after fine-tuning).
+    """
+    forget_max = sweep["forget_max"]
+    candidates = sorted(
+        (p for p in sweep["points"] if p["forget_train_acc"] <= forget_max),
+        key=lambda p: (-p["retain_train_acc"], p["forget_train_acc"]),
+    )
+    if not candidates:  # nothing silences the class before fine-tuning: try the strongest
+        candidates = [choose(sweep["points"], forget_max)]
+    tried: dict[int, dict] = {}
+
+    def holds(i: int) -> bool:
+        if i not in tried:
+            accs = after(candidates[i])
+            tried[i] = {**candidates[i], **{f"{k}_after": v for k, v in accs.items()}}
+        return tried[i]["forget_train_acc_after"] <= forget_max
+
+    # Bisection for the least damaging point that holds; the most damaging is tried first.
+    first_ok = None
+    if holds(len(candidates) - 1):
+        lo, first_ok = 0, len(candidates) - 1
+        while lo < first_ok:
+            mid = (lo + first_ok) // 2
+            if holds(mid):
+                first_ok = mid
+            else:
+                lo = mid + 1
+    if first_ok is not None:
+        best = tried[first_ok]
+    else:
+        after = lambda p: (p["forget_train_acc_after"], -p["retain_train_acc_after"])
+        best = min(tried.values(), key=after)
+    return {
+        **sweep,
+        "chosen": {"top_k": best["top_k"], "dt": best["dt"]},
+        "chosen_point": dict(best),
+        "tried": [tried[i] for i in sorted(tried)],
+        "confirmed": first_ok is not None,
+        "rule": (f"least damage before fine-tuning among points with forget_train_acc <= "
+                 f"{forget_max} before and after the run's fine-tuning"),
+    }  # fmt: skip
+
+
+def confirm_after_finetune(
+    model: nn.Module,
+    *,
+    sweep: dict,
+    run: RunFn,
+    dataset: str,
+    forget_train: data.Split,
+    retain_train: data.Split,
+) -> dict:
+    """``choose_after_finetune`` with ``run`` (top_k, dt) -> (params, batch_stats) after the
+    run's decay and fine-tuning, scored on the sweep's training samples."""
+
+    def after(point: dict) -> dict:
+        params, batch_stats = run(point["top_k"], point["dt"])
+        return train_accuracies(model, params, batch_stats, dataset, forget_train, retain_train)
+
+    return choose_after_finetune(sweep, after)
 
 
 def retain_sample(retain_train: data.Split, size: int, seed: int) -> data.Split:

@@ -9,8 +9,7 @@ from tdu_jax import calibrate, data, decay, importance, metrics, models, selecti
 
 def _points(*triples):
     return [
-        {"top_k": k, "dt": 1.0, "forget_train_acc": f, "retain_train_acc": r}
-        for k, f, r in triples
+        {"top_k": k, "dt": 1.0, "forget_train_acc": f, "retain_train_acc": r} for k, f, r in triples
     ]
 
 
@@ -95,3 +94,61 @@ def test_sweep_decay_scores_every_point_with_the_decayed_model():
     )
     best = calibrate.choose(sweep["points"], 5.0)
     assert sweep["chosen"] == {"top_k": best["top_k"], "dt": best["dt"]}
+
+
+def _sweep(pre: list[tuple[int, float, float]], forget_max: float = 1.0) -> dict:
+    """Sweep points (top_k, forget_train_acc, retain_train_acc) before fine-tuning."""
+    return {"points": _points(*pre), "forget_max": forget_max, "chosen": None}
+
+
+def _linear_reference(sweep: dict, after_forget: dict) -> int | None:
+    """Naive rule: scan silenced points from least damage on, return the first K that holds."""
+    ok = [p for p in sweep["points"] if p["forget_train_acc"] <= sweep["forget_max"]]
+    for p in sorted(ok, key=lambda p: -p["retain_train_acc"]):
+        if after_forget[p["top_k"]] <= sweep["forget_max"]:
+            return p["top_k"]
+    return None
+
+
+@pytest.mark.parametrize("first_holding", [0, 1, 2, 3, 4, 5])
+def test_choose_after_finetune_finds_the_least_damaging_point_that_holds(first_holding):
+    # Silenced points, least damage first: K = 10..60 (retain 99 -> 94); K = 70 is not silenced.
+    pre = [(10 * (i + 1), 0.5, 99.0 - i) for i in range(6)] + [(70, 30.0, 99.5)]
+    sweep = _sweep(pre)
+    # Forget after fine-tuning falls as damage grows: points from `first_holding` on hold.
+    after_forget = {10 * (i + 1): (0.2 if i >= first_holding else 50.0 - i) for i in range(6)}
+    after_forget[70] = 0.0
+    calls = []
+
+    def after(point):
+        calls.append(point["top_k"])
+        return {"forget_train_acc": after_forget[point["top_k"]], "retain_train_acc": 99.9}
+
+    out = calibrate.choose_after_finetune(sweep, after)
+    expected = 10 * (first_holding + 1)
+    assert out["chosen"]["top_k"] == _linear_reference(sweep, after_forget) == expected
+    assert out["confirmed"]
+    assert 70 not in calls  # never silenced before fine-tuning: not a candidate
+    assert calls[0] == 60  # the most damaging candidate first
+    assert len(calls) == len(set(calls)) <= 1 + 3  # bisection over 6: at most 1 + ceil(log2 6)
+    assert [p["top_k"] for p in out["tried"]] == sorted(calls)
+
+
+def test_choose_after_finetune_without_a_holding_point_takes_the_lowest_forget_after():
+    sweep = _sweep([(10, 0.5, 99.0), (20, 0.8, 98.0), (30, 0.0, 90.0)])
+    after_forget = {10: 40.0, 20: 30.0, 30: 12.0}
+    out = calibrate.choose_after_finetune(
+        sweep, lambda p: {"forget_train_acc": after_forget[p["top_k"]], "retain_train_acc": 99.0}
+    )
+    assert not out["confirmed"]
+    assert out["chosen"]["top_k"] == 30  # the only point tried: the most damaging one failed
+    assert out["chosen_point"]["forget_train_acc_after"] == 12.0
+
+
+def test_choose_after_finetune_with_nothing_silenced_tries_the_strongest_point():
+    sweep = _sweep([(10, 60.0, 99.0), (20, 20.0, 97.0)])
+    out = calibrate.choose_after_finetune(
+        sweep, lambda p: {"forget_train_acc": 0.5, "retain_train_acc": 98.0}
+    )
+    assert out["chosen"]["top_k"] == 20 and out["confirmed"]
+    assert len(out["tried"]) == 1

@@ -18,7 +18,7 @@ import jax
 import pytest
 
 from experiments import cifar_ship, common, presets
-from tdu_jax import report
+from tdu_jax import plots
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -125,6 +125,7 @@ def test_mnist_lenet_smoke(mnist_run):
         2, "after_each", 3,
     )  # fmt: skip
     assert (config["top_k"], config["forget_class"], config["model"]) == (20, [0], "lenet")
+    assert result["calibration"] is None and not config["calibrate"]  # explicit --top_k
     assert config["dataset"] == "mnist" and config["row"] is None
     assert "overwrite" not in config
     imp = result["importance"]
@@ -194,8 +195,9 @@ def test_cifar_ship_preset_with_explicit_overrides(tfds_dir, tmp_path):
 
 # -------------------------------------------------------------------------------- reproduce
 def test_reproduce_lenet_rows(tfds_dir, tmp_path):
+    tiny = [a for a in MNIST_TINY if not a.startswith("--top_k")]
     args = ["--table=lenet", "--rows=L1,L4", f"--workdir={tmp_path}", "--nocompare_retrain",
-            *MNIST_TINY]  # fmt: skip
+            "--sweep_top_k=10,400", "--sweep_dt=0.5,5", "--sweep_forget_max=50", *tiny]  # fmt: skip
     proc, output, _ = _run("reproduce", args, tfds_dir)
     _check_ok(proc, output)
     table_dir = tmp_path / "lenet"
@@ -211,7 +213,24 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     for row in ("L1", "L4"):
         assert rows[row]["importance"]["reused"]  # one importance pass shared by both rows
         assert (table_dir / f"{row}-seed0" / "result.json").is_file()
-    assert not (table_dir / "sweep.json").exists()  # explicit --top_k skips the sweep
+    # L1 takes the shared no-fine-tune sweep's choice; L4 confirms it through its own
+    # fine-tuning: bisection over the points silenced before fine-tuning.
+    sweep = _read(table_dir / "sweep.json")["0-seed0"]
+    l1, l4 = rows["L1"], rows["L4"]
+    assert l1["calibration"]["chosen"] == sweep["chosen"] and "tried" not in l1["calibration"]
+    calib = l4["calibration"]
+    assert 1 <= len(calib["tried"]) <= 1 + math.ceil(math.log2(len(sweep["points"])))
+    chosen = calib["chosen_point"]
+    assert (l4["config"]["top_k"], l4["config"]["dt"]) == (chosen["top_k"], chosen["dt"])
+    silenced = [p for p in sweep["points"] if p["forget_train_acc"] <= 50]
+    before = [{k: v for k, v in t.items() if not k.endswith("_after")} for t in calib["tried"]]
+    assert all(p in silenced for p in before) or before == [min(
+        sweep["points"], key=lambda p: (p["forget_train_acc"], -p["retain_train_acc"]))]
+    assert calib["confirmed"] == (chosen["forget_train_acc_after"] <= 50)
+    # The calibration ran the row itself (same key and data), so the real run lands on the same
+    # model: the same forget-train accuracy (on the whole forget split both times).
+    assert l4["final"]["forget_train_acc"] == pytest.approx(chosen["forget_train_acc_after"])
+    assert "checking K=" in output
     markdown = (table_dir / "summary.md").read_text()
     for text in ("L1", "L4", "2.96", "2.35"):
         assert text in markdown, text
@@ -287,7 +306,7 @@ def test_presets_match_method_rows(row, expected):
 @pytest.mark.parametrize("row", [f"C{i}" for i in range(1, 9)])
 def test_cifar_presets_spend_the_reference_fine_tune_batches(row):
     # CIFAR: 45,000 retain images, batch 128 -> 352 batches per epoch (METHOD.md).
-    from tdu_jax import report, unlearn
+    from tdu_jax import reference, unlearn
 
     cfg = {**presets.preset(row)}
     batches = cfg.get("finetune_batches", 0)
@@ -295,7 +314,7 @@ def test_cifar_presets_spend_the_reference_fine_tune_batches(row):
         batches = unlearn.epochs_to_batches(cfg["finetune_epochs"], 45000, 128)
     ucfg = unlearn.UnlearnConfig(finetune=cfg["finetune"], finetune_batches=batches,
                                  decay_steps=cfg["decay_steps"])  # fmt: skip
-    assert unlearn.planned_finetune_batches(ucfg) == report.REFERENCE[row]["finetune_batches"]
+    assert unlearn.planned_finetune_batches(ucfg) == reference.REFERENCE[row]["finetune_batches"]
 
 
 def test_presets_unknown_row_is_a_usage_error():
@@ -518,12 +537,12 @@ def test_progress_heartbeat_logs_while_a_chunk_runs():
 
 
 def test_partial_plots_are_marked(tmp_path):
-    fig = report._figure()
-    report._save_figure(fig, tmp_path / "a.png", partial=True)
-    assert fig._suptitle.get_text() == report.PARTIAL_MARK
+    fig = plots._figure()
+    plots._save_figure(fig, tmp_path / "a.png", partial=True)
+    assert fig._suptitle.get_text() == plots.PARTIAL_MARK
     assert (tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
-    fig = report._figure()
-    report._save_figure(fig, tmp_path / "b.png")
+    fig = plots._figure()
+    plots._save_figure(fig, tmp_path / "b.png")
     assert fig._suptitle is None
 
 
