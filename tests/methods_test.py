@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from tdu_jax import data, metrics, models, train, unlearn
+from tdu_jax import calibrate, data, metrics, models, train, unlearn
 from tdu_jax import methods as M
 from tdu_jax.methods import base, finetune, salun, scrub, ssd
 
@@ -478,3 +478,28 @@ def test_one_full_batch_sgd_step_matches_closed_form(linear, name):
     assert result.info["gradient_steps"] == 1
     np.testing.assert_allclose(result.params["dense"]["kernel"], w - lr * step_w, atol=2e-6)
     np.testing.assert_allclose(result.params["dense"]["bias"], b - lr * step_b, atol=2e-6)
+
+
+def test_decay_calibration_is_confirmed_through_its_own_fine_tuning(toy):
+    model, params, batch_stats, data_in = toy
+    ucfg = unlearn.UnlearnConfig(
+        top_k=1, lam=0.5, dt=1.0, decay_steps=2, finetune="after_all", finetune_batches=2,
+        batch_size=16, evaluate_each_step=False,
+    )  # fmt: skip
+    config = M.DecayConfig(unlearn=ucfg, calibrate=True, sweep_top_k=(5, 50, 500),
+                           sweep_dt=(0.5, 4.0), sweep_forget_max=50.0)  # fmt: skip
+    out = M.run_method(
+        "decay", model, params, batch_stats, data_in, jax.random.key(3), config, dataset="mnist"
+    )
+    calib = out.info["calibration"]
+    assert 1 <= len(calib["tried"]) <= 1 + 3  # bisection over at most 6 candidates
+    chosen = calib["chosen_point"]
+    # The returned model is the run of the chosen point, the one the calibration scored.
+    acc = _accuracy(model, out.params, out.batch_stats, data_in.forget_train)
+    assert acc == pytest.approx(chosen["forget_train_acc_after"])
+    assert out.info["decayed_units"] == chosen["units"]
+    plain = M.run_method("decay", model, params, batch_stats, data_in, jax.random.key(3),
+                         config._replace(calibrate_finetune=False), dataset="mnist")  # fmt: skip
+    assert "tried" not in plain.info["calibration"]
+    rule = calibrate.choose(plain.info["calibration"]["points"], 50.0)
+    assert plain.info["calibration"]["chosen"] == {"top_k": rule["top_k"], "dt": rule["dt"]}

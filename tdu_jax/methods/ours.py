@@ -40,6 +40,9 @@ class DecayConfig(NamedTuple):
     sweep_dt: tuple = (0.25, 0.5, 1.0)
     sweep_forget_max: float = 5.0
     sweep_retain_size: int = 10000
+    # With calibrate and fine-tuning: confirm the point through the run's own fine-tuning
+    # (calibrate.confirm_after_finetune), so the class does not come back.
+    calibrate_finetune: bool = True
 
 
 class RetrainConfig(NamedTuple):
@@ -101,14 +104,27 @@ def decay(
         precomputed, spec = unlearn.request_importance(
             model, params, batch_stats, dataset=dataset, data_in=unlearn_data, config=ucfg
         )
+        scored = calibrate.retain_sample(data_in.retain_train, config.sweep_retain_size, seed)
         sweep = calibrate.sweep_decay(
             model, params, batch_stats, dataset=dataset, forget_train=data_in.forget_train,
-            retain_train=calibrate.retain_sample(data_in.retain_train,
-                                                 config.sweep_retain_size, seed),
-            imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
+            retain_train=scored, imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
             dts=config.sweep_dt, lam=ucfg.lam, decay_steps=ucfg.decay_steps,
             forget_max=config.sweep_forget_max,
         )  # fmt: skip
+        if config.calibrate_finetune and ucfg.finetune != "none":
+
+            def run(top_k, dt):
+                out = unlearn.unlearn(
+                    model, params, batch_stats, dataset=dataset, data_in=unlearn_data,
+                    config=ucfg._replace(top_k=top_k, dt=dt, evaluate_each_step=False),
+                    key=run_key, precomputed=precomputed,
+                )  # fmt: skip
+                return out.params, out.batch_stats
+
+            sweep = calibrate.confirm_after_finetune(
+                model, sweep=sweep, run=run, dataset=dataset,
+                forget_train=data_in.forget_train, retain_train=scored,
+            )  # fmt: skip
         ucfg = ucfg._replace(**sweep["chosen"])
     result = unlearn.unlearn(
         model,
