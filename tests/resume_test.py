@@ -1,0 +1,40 @@
+"""Resuming a finished row: which recorded configs count as the same run."""
+
+import pytest
+
+from experiments import common
+from tdu_jax import result_files
+
+
+def _config(tmp_path, **changes) -> dict:
+    cfg = {"workdir": str(tmp_path), "run_name": "L3-0-seed0", "row": "L3", "seed": 0,
+           "calibrate": True, "top_k": 3000, "dt": 0.25, "lam": 0.1, "overwrite": False,
+           "retrain_base": False, "min_base_acc": -1.0}  # fmt: skip
+    return {**cfg, **changes}
+
+
+def _save(tmp_path, cfg: dict) -> None:
+    path = common.run_dir(cfg) / "result.json"
+    path.parent.mkdir(parents=True)
+    result_files.write_json_atomic(path, {"config": common._public(cfg), "final": {"x": 1}})
+
+
+def test_calibrated_row_resumes_although_its_fine_tuning_moved_k_and_dt(tmp_path):
+    # The row recorded the point its own fine-tuning confirmed (K=1000, dt=1), while the
+    # rerun asks with the no-fine-tune sweep's choice (K=3000, dt=0.25).
+    _save(tmp_path, _config(tmp_path, top_k=1000, dt=1.0))
+    found = common.existing_result(_config(tmp_path))
+    assert found is not None and found["final"] == {"x": 1}
+
+
+def test_other_settings_still_refuse_to_clobber(tmp_path):
+    _save(tmp_path, _config(tmp_path, top_k=1000, dt=1.0))
+    with pytest.raises(FileExistsError, match="different config"):
+        common.existing_result(_config(tmp_path, lam=0.2))
+    assert common.existing_result(_config(tmp_path, lam=0.2, overwrite=True)) is None
+
+
+def test_explicit_k_and_dt_are_part_of_the_run(tmp_path):
+    _save(tmp_path, _config(tmp_path, calibrate=False, top_k=1000))
+    with pytest.raises(FileExistsError, match="different config"):
+        common.existing_result(_config(tmp_path, calibrate=False, top_k=20))
