@@ -653,13 +653,21 @@ def existing_result(cfg: dict) -> dict | None:
     if not path.exists():
         return None
     saved = result_files.read_json(path)
-    if checkpoint.config_key(saved.get("config", {})) == checkpoint.config_key(_public(cfg)):
+    if resume_key(saved.get("config", {})) == resume_key(_public(cfg)):
         return saved
     if not cfg["overwrite"]:
         raise FileExistsError(
             f"{path} holds a result of a different config; pass --overwrite or --run_name"
         )
     return None
+
+
+def resume_key(config: dict) -> str:
+    """What makes two recorded configs the same run. With ``calibrate`` on, K and dt are the
+    calibration's output (a row that fine-tunes may move them), so they are left out."""
+    if config.get("calibrate"):
+        config = {k: v for k, v in config.items() if k not in ("top_k", "dt")}
+    return checkpoint.config_key(config)
 
 
 def _public(cfg: dict) -> dict:
