@@ -169,3 +169,56 @@ def plot_importance(
     hist.set_title("importance histogram")
     hist.grid(alpha=0.3)
     _save_figure(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (forget %, retain %) points no other point beats on both (lower forget, higher
+    retain), sorted by forget accuracy; ties keep one copy."""
+    front: list[tuple[float, float]] = []
+    for forget, retain in sorted(set(points), key=lambda p: (p[0], -p[1])):
+        if not front or retain > front[-1][1]:
+            front.append((forget, retain))
+    return front
+
+
+def plot_tradeoff(
+    curves: dict[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    chosen: dict[str, tuple[float, float]] | None = None,
+    forget_max: float | None = None,
+    partial: bool = False,
+) -> None:
+    """PNG of the forget-retain trade-off: retain accuracy (%) against forget accuracy (%).
+
+    Args:
+      curves: label -> (forget, retain) points (e.g. a sweep's points before fine-tuning, or
+        the points checked after it); each series is drawn with its Pareto front.
+      path: output PNG.
+      title: figure title.
+      chosen: label -> the point a rule chose, drawn as a star.
+      forget_max: a forget-accuracy ceiling, drawn as a vertical line.
+      partial: title the figure ``PARTIAL_MARK``.
+    """
+    fig = _figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, points) in enumerate(curves.items()):
+        color = f"C{i}"
+        if not points:
+            continue
+        forget, retain = np.asarray(points, float).T
+        ax.scatter(forget, retain, s=18, color=color, alpha=0.6, label=label)
+        front = np.asarray(pareto_front(list(zip(forget, retain, strict=True))))
+        ax.plot(front[:, 0], front[:, 1], color=color, linewidth=1)
+        if chosen and label in chosen:
+            ax.scatter(*chosen[label], marker="*", s=160, color=color, edgecolor="black")
+    if forget_max is not None:
+        ax.axvline(forget_max, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("forget accuracy (%)")
+    ax.set_ylabel("retain accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, loc="lower right")
+    _save_figure(fig, path, partial)

@@ -74,3 +74,20 @@ def test_plot_importance(tmp_path, scores):
     plots.plot_importance(scores, 50, path, title="C7 filter importance")
     _assert_png(path)
     assert _leftovers(tmp_path) == []
+
+
+def test_pareto_front_by_hand():
+    points = [(0.0, 90.0), (1.0, 95.0), (0.5, 80.0), (2.0, 94.0), (3.0, 99.0), (0.0, 90.0)]
+    # (0.5, 80) is beaten by (0, 90); (2, 94) by (1, 95); the duplicate is kept once.
+    assert plots.pareto_front(points) == [(0.0, 90.0), (1.0, 95.0), (3.0, 99.0)]
+    assert plots.pareto_front([]) == []
+
+
+def test_plot_tradeoff(tmp_path):
+    path = tmp_path / "tradeoff.png"
+    curves = {"before fine-tuning": [(0.0, 40.0), (0.7, 97.7), (60.0, 99.0)],
+              "after fine-tuning": [(0.2, 99.1)], "empty": []}  # fmt: skip
+    plots.plot_tradeoff(curves, path, title="digit 0", chosen={"after fine-tuning": (0.2, 99.1)},
+                        forget_max=1.0, partial=True)  # fmt: skip
+    _assert_png(path)
+    assert _leftovers(tmp_path) == []
