@@ -9,8 +9,6 @@ Full width, 20 epochs: about 3 minutes of training on one H200 with
 --compute_dtype=bfloat16 (about 50 minutes per epoch on 2 CPU cores).
 """
 
-from absl import app
-
 from experiments import common
 
 # K (10% of filters) and dt: what the train-split sweep of `reproduce` chose on the
@@ -24,11 +22,5 @@ DEFAULTS = dict(
 )  # fmt: skip
 
 
-def main(argv):
-    del argv
-    common.main_single("cifar10")
-
-
 if __name__ == "__main__":
-    common.define_flags(**DEFAULTS)
-    app.run(main)
+    common.main_single("cifar10", DEFAULTS)

@@ -1,11 +1,12 @@
 """Shared machinery of the experiment entry points: flags, config, base model, one run.
 
-Only ``experiments/`` defines flags. A run's config is a plain JSON-able dict built
-from the flags (preset values fill in flags not given explicitly); the library
-sees typed arguments only.
+Only ``experiments/`` defines flags. A run's config is a frozen ``ExperimentConfig``
+(experiments/config.py) built from the flags (preset values fill in flags not given
+explicitly); the library sees typed arguments only.
 """
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging as std_logging
@@ -25,7 +26,8 @@ import optax
 from absl import app, flags, logging
 
 import tdu_jax
-from experiments import importance_cache, presets
+from experiments import config, importance_cache, presets
+from experiments.config import ExperimentConfig
 from tdu_jax import (
     calibrate,
     checkpoint,
@@ -44,7 +46,7 @@ from tdu_jax import (
 
 FLAGS = flags.FLAGS
 
-# Flags that shape the base model; everything else only shapes the unlearning run.
+# Settings that shape the base model; everything else only shapes the unlearning run.
 BASE_KEYS = (
     "dataset", "model", "width", "compute_dtype", "seed", "train_epochs", "train_batch_size",
     "train_optimizer", "train_lr", "train_momentum", "train_weight_decay", "train_schedule",
@@ -54,86 +56,114 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def define_flags(**defaults) -> None:
-    """Defines every flag; ``defaults`` are the entry point's table-wide choices."""
-    d = defaults
+    """Defines every flag; ``defaults`` are the entry point's table-wide choices.
+
+    A flag's default is ``defaults[setting]``, else the setting's default in
+    ``ExperimentConfig`` (settings without one must be in ``defaults``).
+    """
+
+    def d(name: str):
+        value = defaults[name] if name in defaults else config.default(name)
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value  # a text flag
+
     before = set(FLAGS)
-    flags.DEFINE_string("preset", None, f"Reference row: {', '.join(presets.PRESETS)}.")
-    flags.DEFINE_string("forget_class", d["forget_class"], "Class name or index; comma list.")
-    flags.DEFINE_string("model", d["model"], f"One of {', '.join(models.MODELS)}.")
-    flags.DEFINE_float("width", d.get("width", 1.0), "ResNet channel multiplier.")
-    flags.DEFINE_enum("compute_dtype", "float32", list(DTYPES), "ResNet computation dtype.")
-    flags.DEFINE_float("lambda", d.get("lam", 0.1), "Decay rate lambda (>= 0).")
-    flags.DEFINE_float("dt", d["dt"], "Time per decay step (> 0).")
-    flags.DEFINE_integer("decay_steps", d.get("decay_steps", 7), "Decay steps T (>= 0).")
-    flags.DEFINE_string("top_k", d["top_k"], "K: a count (e.g. 1000) or a fraction (0.05).")
-    flags.DEFINE_enum("granularity", d["granularity"], list(units.GRANULARITIES), "Unit kind.")
-    flags.DEFINE_enum("selection", "topk", list(decay.SELECTIONS), "top-K or random-K.")
-    flags.DEFINE_enum("importance_data", "forget", ["forget", "all"], "Importance sample pool.")
-    flags.DEFINE_float("importance_fraction", 1.0, "Seeded fraction of the pool, in (0, 1].")
-    flags.DEFINE_bool("reestimate", False, "Recompute importance before every decay step.")
-    flags.DEFINE_string("include", d.get("include"), "Regex: layers whose units may be chosen.")
-    flags.DEFINE_string("exclude", None, "Regex: layers whose units may not be chosen.")
-    flags.DEFINE_bool("include_bn", True, "Filter units include the paired BatchNorm channel.")
-    flags.DEFINE_enum("finetune", "none", list(unlearn.FINETUNE_MODES), "Fine-tune schedule.")
-    flags.DEFINE_float("finetune_epochs", 0.0, "after_all: epochs of retain data.")
-    flags.DEFINE_integer("finetune_batches", 0, "after_all: batches; after_each: per step.")
-    flags.DEFINE_enum("finetune_optimizer", "sgd", ["sgd", "adam"], "Fine-tune optimizer.")
-    flags.DEFINE_float("finetune_lr", d["finetune_lr"], "Fine-tune learning rate.")
-    flags.DEFINE_float("finetune_momentum", 0.9, "Fine-tune SGD momentum.")
-    flags.DEFINE_float("finetune_weight_decay", 5e-4, "Fine-tune weight decay.")
-    flags.DEFINE_integer("batch_size", 128, "Fine-tune batch size.")
-    flags.DEFINE_integer("seed", 0, "Seed of everything (base model, sample, batches).")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR, then TFDS's).")
-    flags.DEFINE_string("workdir", "runs", "Where base models and results go.")
-    flags.DEFINE_string("run_name", None, "Result folder name (default: preset-seed).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing result of another config.")
-    flags.DEFINE_bool("retrain_base", False, "Train the base model anew, replacing a saved one.")
-    flags.DEFINE_float("min_base_acc", -1.0, "Refuse a base model below this test accuracy "
-                       "(%); -1: twice chance (20% for 10 classes); 0: accept any.")  # fmt: skip
-    flags.DEFINE_integer("train_epochs", d["train_epochs"], "Base model epochs.")
-    flags.DEFINE_integer("train_batch_size", 128, "Base model batch size.")
-    flags.DEFINE_enum("train_optimizer", d["train_optimizer"], ["sgd", "adam"], "Base optimizer.")
-    flags.DEFINE_float("train_lr", d["train_lr"], "Base model peak learning rate.")
-    flags.DEFINE_float("train_momentum", 0.9, "Base model SGD momentum.")
-    flags.DEFINE_float("train_weight_decay", d["train_weight_decay"], "Base weight decay.")
-    flags.DEFINE_enum("train_schedule", d["train_schedule"], ["constant", "cosine", "onecycle"],
-                      "Base learning-rate schedule.")  # fmt: skip
-    flags.DEFINE_float("train_label_smoothing", 0.0, "Base model label smoothing.")
-    flags.DEFINE_bool("augment", d["augment"], "Crop+flip augmentation (train and fine-tune).")
-    flags.DEFINE_integer("max_train_examples", 0, "Use only the first N train images (0: all).")
-    flags.DEFINE_integer("max_test_examples", 0, "Use only the first N test images (0: all).")
-    flags.DEFINE_integer("unit_chunk", d.get("unit_chunk", 256), "Units per importance call.")
-    flags.DEFINE_integer("sample_batch", d.get("sample_batch", 1024),
+    # fmt: off
+    flags.DEFINE_string("preset", d("preset"), f"Reference row: {', '.join(presets.PRESETS)}.")
+    flags.DEFINE_string("forget_class", d("forget_class"), "Class name or index; comma list.")
+    flags.DEFINE_string("model", d("model"), f"One of {', '.join(models.MODELS)}.")
+    flags.DEFINE_float("width", d("width"), "ResNet channel multiplier.")
+    flags.DEFINE_enum("compute_dtype", d("compute_dtype"), list(DTYPES),
+                      "ResNet computation dtype.")
+    flags.DEFINE_float("lambda", d("lam"), "Decay rate lambda (>= 0).")
+    flags.DEFINE_float("dt", d("dt"), "Time per decay step (> 0).")
+    flags.DEFINE_integer("decay_steps", d("decay_steps"), "Decay steps T (>= 0).")
+    flags.DEFINE_string("top_k", d("top_k"), "K: a count (e.g. 1000) or a fraction (0.05).")
+    flags.DEFINE_enum("granularity", d("granularity"), list(units.GRANULARITIES), "Unit kind.")
+    flags.DEFINE_enum("selection", d("selection"), list(decay.SELECTIONS), "top-K or random-K.")
+    flags.DEFINE_enum("importance_data", d("importance_data"), ["forget", "all"],
+                      "Importance sample pool.")
+    flags.DEFINE_float("importance_fraction", d("importance_fraction"),
+                       "Seeded fraction of the pool, in (0, 1].")
+    flags.DEFINE_bool("reestimate", d("reestimate"),
+                      "Recompute importance before every decay step.")
+    flags.DEFINE_string("include", d("include"), "Regex: layers whose units may be chosen.")
+    flags.DEFINE_string("exclude", d("exclude"), "Regex: layers whose units may not be chosen.")
+    flags.DEFINE_bool("include_bn", d("include_bn"),
+                      "Filter units include the paired BatchNorm channel.")
+    flags.DEFINE_enum("finetune", d("finetune"), list(unlearn.FINETUNE_MODES),
+                      "Fine-tune schedule.")
+    flags.DEFINE_float("finetune_epochs", d("finetune_epochs"), "after_all: epochs of retain data.")
+    flags.DEFINE_integer("finetune_batches", d("finetune_batches"),
+                         "after_all: batches; after_each: per step.")
+    flags.DEFINE_enum("finetune_optimizer", d("finetune_optimizer"), ["sgd", "adam"],
+                      "Fine-tune optimizer.")
+    flags.DEFINE_float("finetune_lr", d("finetune_lr"), "Fine-tune learning rate.")
+    flags.DEFINE_float("finetune_momentum", d("finetune_momentum"), "Fine-tune SGD momentum.")
+    flags.DEFINE_float("finetune_weight_decay", d("finetune_weight_decay"),
+                       "Fine-tune weight decay.")
+    flags.DEFINE_integer("batch_size", d("batch_size"), "Fine-tune batch size.")
+    flags.DEFINE_integer("seed", d("seed"), "Seed of everything (base model, sample, batches).")
+    flags.DEFINE_string("data_dir", d("data_dir"),
+                        "TFDS data dir (default: $TFDS_DATA_DIR, then TFDS's).")
+    flags.DEFINE_string("workdir", d("workdir"), "Where base models and results go.")
+    flags.DEFINE_string("run_name", d("run_name"), "Result folder name (default: preset-seed).")
+    flags.DEFINE_bool("overwrite", d("overwrite"),
+                      "Replace an existing result of another config.")
+    flags.DEFINE_bool("retrain_base", d("retrain_base"),
+                      "Train the base model anew, replacing a saved one.")
+    flags.DEFINE_float("min_base_acc", d("min_base_acc"), "Refuse a base model below this test "
+                       "accuracy (%); -1: twice chance (20% for 10 classes); 0: accept any.")
+    flags.DEFINE_integer("train_epochs", d("train_epochs"), "Base model epochs.")
+    flags.DEFINE_integer("train_batch_size", d("train_batch_size"), "Base model batch size.")
+    flags.DEFINE_enum("train_optimizer", d("train_optimizer"), ["sgd", "adam"], "Base optimizer.")
+    flags.DEFINE_float("train_lr", d("train_lr"), "Base model peak learning rate.")
+    flags.DEFINE_float("train_momentum", d("train_momentum"), "Base model SGD momentum.")
+    flags.DEFINE_float("train_weight_decay", d("train_weight_decay"), "Base weight decay.")
+    flags.DEFINE_enum("train_schedule", d("train_schedule"), ["constant", "cosine", "onecycle"],
+                      "Base learning-rate schedule.")
+    flags.DEFINE_float("train_label_smoothing", d("train_label_smoothing"),
+                       "Base model label smoothing.")
+    flags.DEFINE_bool("augment", d("augment"), "Crop+flip augmentation (train and fine-tune).")
+    flags.DEFINE_integer("max_train_examples", d("max_train_examples"),
+                         "Use only the first N train images (0: all).")
+    flags.DEFINE_integer("max_test_examples", d("max_test_examples"),
+                         "Use only the first N test images (0: all).")
+    flags.DEFINE_integer("unit_chunk", d("unit_chunk"), "Units per importance call.")
+    flags.DEFINE_integer("sample_batch", d("sample_batch"),
                          "Images per importance call (with --unit_chunk, bounds memory).")
-    flags.DEFINE_bool("evaluate_each_step", True, "Evaluate on test after every decay step.")
-    flags.DEFINE_enum("importance_score", d.get("importance_score", "forget"),
+    flags.DEFINE_bool("evaluate_each_step", d("evaluate_each_step"),
+                      "Evaluate on test after every decay step.")
+    flags.DEFINE_enum("importance_score", d("importance_score"),
                       list(selective.IMPORTANCE_SCORES),
                       "forget: drop on the forget sample; selective: minus beta x retain drop.")
-    flags.DEFINE_float("selective_beta", 1.0, "Weight of the retain drop in the selective score.")
-    flags.DEFINE_integer("retain_sample_size", d.get("retain_sample_size", 1000),
+    flags.DEFINE_float("selective_beta", d("selective_beta"),
+                       "Weight of the retain drop in the selective score.")
+    flags.DEFINE_integer("retain_sample_size", d("retain_sample_size"),
                          "Retain-class images scored by the selective score.")
-    flags.DEFINE_bool("calibrate", d.get("calibrate", False),
+    flags.DEFINE_bool("calibrate", d("calibrate"),
                       "Size K and dt per request by the train-split sweep (tdu_jax.calibrate).")
-    flags.DEFINE_string("sweep_top_k", d.get("sweep_top_k", "300,1000,3000"),
+    flags.DEFINE_string("sweep_top_k", d("sweep_top_k"),
                         "Comma list of K values the calibration sweep tries.")
-    flags.DEFINE_string("sweep_dt", d.get("sweep_dt", "0.25,0.5,1"),
+    flags.DEFINE_string("sweep_dt", d("sweep_dt"),
                         "Comma list of dt values the calibration sweep tries.")
-    flags.DEFINE_float("sweep_forget_max", d.get("sweep_forget_max", 5.0),
+    flags.DEFINE_float("sweep_forget_max", d("sweep_forget_max"),
                        "Calibration rule: forget-train accuracy ceiling in percent.")
-    flags.DEFINE_bool("calibrate_finetune", d.get("calibrate_finetune", True),
+    flags.DEFINE_bool("calibrate_finetune", d("calibrate_finetune"),
                       "With --calibrate on a row that fine-tunes: keep the least damaging "
                       "sweep point whose forget-train accuracy stays under --sweep_forget_max "
                       "after the row's own fine-tuning (bisection; a few runs of the row).")
-    flags.DEFINE_bool("compare_retrain", d.get("compare_retrain", False),
+    flags.DEFINE_bool("compare_retrain", d("compare_retrain"),
                       "Also train/reuse the model retrained without the forget classes and "
                       "report MIAs, probe recovery, relearn steps and the gap to it.")
+    # fmt: on
     _OWN_FLAGS[:] = sorted(set(FLAGS) - before)
     setup_logging()
     sys.excepthook = _excepthook
 
 
-def _flag(name: str):
-    return FLAGS[name].value
+def _explicit(setting: str) -> bool:
+    """Was ``setting``'s flag given on the command line (``lam`` is ``--lambda``)?"""
+    return FLAGS["lambda" if setting == "lam" else setting].present
 
 
 def parse_top_k(text: str) -> int | float:
@@ -147,90 +177,98 @@ def parse_top_k(text: str) -> int | float:
     return value
 
 
-def config_from_flags(dataset: str, defaults: dict | None = None) -> dict:
-    """The run's config dict: flags, with the preset filling flags not set explicitly.
+def config_from_flags(dataset: str, defaults: dict | None = None) -> ExperimentConfig:
+    """The run's config: flags, with the preset filling flags not set explicitly.
 
     ``defaults`` (an entry point's table-wide choices) replace the flag defaults, for
     ``reproduce``, which serves several tables with one set of flags.
     """
-    row = _flag("preset")
     values = {n: FLAGS[n].value for n in _OWN_FLAGS}
-    for key, value in (defaults or {}).items():
-        if not FLAGS["lambda" if key == "lam" else key].present:
-            values["lambda" if key == "lam" else key] = value
     values["lam"] = values.pop("lambda")
-    if row is not None:
-        values = apply_preset(values, row)
-    if (FLAGS["top_k"].present or FLAGS["dt"].present) and not FLAGS["calibrate"].present:
+    values.update({k: v for k, v in (defaults or {}).items() if not _explicit(k)})
+    if values["preset"] is not None:
+        values.update(_preset_settings(values["preset"]))
+    if (_explicit("top_k") or _explicit("dt")) and not _explicit("calibrate"):
         values["calibrate"] = False  # explicit K or dt: the user sized the decay
-    values["dataset"] = dataset
-    values["row"] = row
-    return validate_config(values)
+    values.update(dataset=dataset, row=values["preset"])
+    return validate_config(ExperimentConfig(**_parse_text(values)))
 
 
 _OWN_FLAGS: list[str] = []
 
 
-def apply_preset(cfg: dict, row: str) -> dict:
-    """``cfg`` with row ``row``'s settings, except those given explicitly as flags."""
-    out = dict(cfg)
-    for key, value in presets.preset(row).items():
-        if not FLAGS["lambda" if key == "lam" else key].present:
-            out[key] = value
+def _parse_text(values: dict) -> dict:
+    """``values`` with the text flags parsed: class names or indices, K and the sweep grids."""
+    out = dict(values)
+    data.check_dataset(values["dataset"])
+    try:
+        out["forget_class"] = data.parse_classes(values["dataset"], values["forget_class"])
+    except ValueError as e:
+        raise ValueError(f"--forget_class: {e}") from None
+    if isinstance(values["top_k"], str):
+        out["top_k"] = parse_top_k(values["top_k"])
+    for name, parse in (("sweep_top_k", parse_top_k), ("sweep_dt", float)):
+        if isinstance(values[name], str):
+            try:
+                out[name] = tuple(parse(v) for v in values[name].split(","))
+            except ValueError:
+                raise ValueError(
+                    f"--{name} must be a comma list of numbers; got {values[name]!r}"
+                ) from None
     return out
 
 
-def validate_config(cfg: dict) -> dict:
-    """Checks every setting before any expensive work; returns the normalised config."""
-    cfg = dict(cfg)
-    data.check_dataset(cfg["dataset"])
-    if cfg["model"] not in models.MODELS:
-        raise ValueError(f"--model must be one of {', '.join(models.MODELS)}; got {cfg['model']!r}")
+def _preset_settings(row: str) -> dict:
+    """Row ``row``'s settings, except those given explicitly as flags."""
+    return {k: v for k, v in presets.preset(row).items() if not _explicit(k)}
+
+
+def apply_preset(cfg: ExperimentConfig, row: str) -> ExperimentConfig:
+    """``cfg`` with row ``row``'s settings, except those given explicitly as flags."""
+    return dataclasses.replace(cfg, **_preset_settings(row))
+
+
+def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks every setting before any expensive work; returns the normalised config
+    (forget classes sorted and unique, as ``data.parse_classes`` gives them)."""
+    data.check_dataset(cfg.dataset)
+    if cfg.model not in models.MODELS:
+        raise ValueError(f"--model must be one of {', '.join(models.MODELS)}; got {cfg.model!r}")
     try:
-        cfg["forget_class"] = list(data.parse_classes(cfg["dataset"], cfg["forget_class"]))
+        cfg = dataclasses.replace(
+            cfg, forget_class=data.parse_classes(cfg.dataset, cfg.forget_class)
+        )
     except ValueError as e:
         raise ValueError(f"--forget_class: {e}") from None
-    cfg["top_k"] = parse_top_k(cfg["top_k"]) if isinstance(cfg["top_k"], str) else cfg["top_k"]
-    if not 0 < cfg["importance_fraction"] <= 1:
-        raise ValueError(
-            f"--importance_fraction must be in (0, 1]; got {cfg['importance_fraction']}"
-        )
-    if cfg["finetune"] == "none" and (cfg["finetune_batches"] or cfg["finetune_epochs"]):
+    if not 0 < cfg.importance_fraction <= 1:
+        raise ValueError(f"--importance_fraction must be in (0, 1]; got {cfg.importance_fraction}")
+    if cfg.finetune == "none" and (cfg.finetune_batches or cfg.finetune_epochs):
         raise ValueError(
             "--finetune=none conflicts with --finetune_batches/--finetune_epochs; "
             "use --finetune=after_all or after_each"
         )
-    if cfg["finetune_epochs"] and cfg["finetune_batches"]:
+    if cfg.finetune_epochs and cfg.finetune_batches:
         raise ValueError("give either --finetune_epochs or --finetune_batches, not both")
-    if cfg["finetune"] == "after_each" and cfg["finetune_epochs"]:
+    if cfg.finetune == "after_each" and cfg.finetune_epochs:
         raise ValueError("--finetune=after_each takes --finetune_batches (per step), not epochs")
-    if cfg["finetune_epochs"] < 0:
-        raise ValueError(f"--finetune_epochs must be >= 0; got {cfg['finetune_epochs']}")
-    for name in ("sweep_top_k", "sweep_dt"):
-        if isinstance(cfg[name], str):
-            try:
-                cfg[name] = [parse_top_k(v) if name == "sweep_top_k" else float(v)
-                             for v in cfg[name].split(",")]  # fmt: skip
-            except ValueError:
-                raise ValueError(
-                    f"--{name} must be a comma list of numbers; got {cfg[name]!r}"
-                ) from None
-    for dt in cfg["sweep_dt"]:
+    if cfg.finetune_epochs < 0:
+        raise ValueError(f"--finetune_epochs must be >= 0; got {cfg.finetune_epochs}")
+    for dt in cfg.sweep_dt:
         if not dt > 0:
             raise ValueError(f"--sweep_dt values must be > 0; got {dt}")
     for name in ("batch_size", "train_batch_size", "unit_chunk", "sample_batch",
                  "retain_sample_size"):  # fmt: skip
-        if cfg[name] < 1:
-            raise ValueError(f"--{name} must be >= 1; got {cfg[name]}")
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(cfg, name)}")
     for name in ("train_epochs", "max_train_examples", "max_test_examples"):
-        if cfg[name] < 0:
-            raise ValueError(f"--{name} must be >= 0; got {cfg[name]}")
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0; got {getattr(cfg, name)}")
     with _as_flags(_UNLEARN_FLAGS):
         unlearn.validate_unlearn_config(unlearn_config(cfg, retain_size=None))
     with _as_flags(_OPTIMIZER_FLAGS, prefix="train_"):
         train.validate_optimizer_config(base_optimizer(cfg))
     check_units(cfg)
-    check_workdir(cfg["workdir"])
+    check_workdir(cfg.workdir)
     return cfg
 
 
@@ -269,22 +307,24 @@ def _num_units(dataset, model, width, dtype, granularity, include, exclude, incl
     return units.enumerate_units(shapes[0], granularity, include, exclude, include_bn).num_units
 
 
-def check_units(cfg: dict) -> None:
+def check_units(cfg: ExperimentConfig) -> None:
     """Checks --top_k and --include/--exclude against the model's unit count, before training."""
     for name in ("include", "exclude"):
         try:
-            re.compile(cfg[name] or "")
+            re.compile(getattr(cfg, name) or "")
         except re.error as e:
-            raise ValueError(f"--{name} is not a valid regex ({e}); got {cfg[name]!r}") from None
+            raise ValueError(
+                f"--{name} is not a valid regex ({e}); got {getattr(cfg, name)!r}"
+            ) from None
     try:
         keys = ("dataset", "model", "width", "compute_dtype", "granularity", "include",
                 "exclude", "include_bn")  # fmt: skip
-        n = _num_units(*(cfg[k] for k in keys))
+        n = _num_units(*(getattr(cfg, k) for k in keys))
     except ValueError as e:  # no layer left after --include/--exclude
         raise ValueError(f"--include/--exclude: {e}") from None
-    top_k = cfg["top_k"]
+    top_k = cfg.top_k
     if isinstance(top_k, int) and not 1 <= top_k <= n:
-        what = f"{cfg['model']} has {n} {cfg['granularity']} units"
+        what = f"{cfg.model} has {n} {cfg.granularity} units"
         raise ValueError(f"--top_k must be a count in 1..{n} ({what}) or a fraction in "
                          f"(0, 1]; got {top_k}")  # fmt: skip
 
@@ -299,68 +339,70 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir {workdir} is not writable ({existing})")
 
 
-def base_optimizer(cfg: dict) -> train.OptimizerConfig:
+def base_optimizer(cfg: ExperimentConfig) -> train.OptimizerConfig:
     return train.OptimizerConfig(
-        name=cfg["train_optimizer"], learning_rate=cfg["train_lr"],
-        momentum=cfg["train_momentum"], weight_decay=cfg["train_weight_decay"],
-        schedule=cfg["train_schedule"], label_smoothing=cfg["train_label_smoothing"],
+        name=cfg.train_optimizer, learning_rate=cfg.train_lr,
+        momentum=cfg.train_momentum, weight_decay=cfg.train_weight_decay,
+        schedule=cfg.train_schedule, label_smoothing=cfg.train_label_smoothing,
     )  # fmt: skip
 
 
-def unlearn_config(cfg: dict, retain_size: int | None) -> unlearn.UnlearnConfig:
+def unlearn_config(cfg: ExperimentConfig, retain_size: int | None) -> unlearn.UnlearnConfig:
     """Typed unlearning settings; epochs become batches once the retain size is known."""
-    batches = cfg["finetune_batches"]
-    if cfg["finetune_epochs"] and retain_size is not None:
-        batches = unlearn.epochs_to_batches(cfg["finetune_epochs"], retain_size, cfg["batch_size"])
-    elif cfg["finetune_epochs"]:
+    batches = cfg.finetune_batches
+    if cfg.finetune_epochs and retain_size is not None:
+        batches = unlearn.epochs_to_batches(cfg.finetune_epochs, retain_size, cfg.batch_size)
+    elif cfg.finetune_epochs:
         batches = 1  # placeholder for validation before the data is loaded
     return unlearn.UnlearnConfig(
-        granularity=cfg["granularity"], top_k=cfg["top_k"], selection=cfg["selection"],
-        lam=cfg["lam"], dt=cfg["dt"], decay_steps=cfg["decay_steps"],
-        reestimate=cfg["reestimate"], include=cfg["include"], exclude=cfg["exclude"],
-        include_bn=cfg["include_bn"], finetune=cfg["finetune"], finetune_batches=batches,
+        granularity=cfg.granularity, top_k=cfg.top_k, selection=cfg.selection,
+        lam=cfg.lam, dt=cfg.dt, decay_steps=cfg.decay_steps,
+        reestimate=cfg.reestimate, include=cfg.include, exclude=cfg.exclude,
+        include_bn=cfg.include_bn, finetune=cfg.finetune, finetune_batches=batches,
         finetune_optimizer=train.OptimizerConfig(
-            name=cfg["finetune_optimizer"], learning_rate=cfg["finetune_lr"],
-            momentum=cfg["finetune_momentum"], weight_decay=cfg["finetune_weight_decay"],
+            name=cfg.finetune_optimizer, learning_rate=cfg.finetune_lr,
+            momentum=cfg.finetune_momentum, weight_decay=cfg.finetune_weight_decay,
             schedule="constant",
         ),
-        batch_size=cfg["batch_size"], augment=cfg["augment"],
-        evaluate_each_step=cfg["evaluate_each_step"], unit_chunk=cfg["unit_chunk"],
-        sample_batch=cfg["sample_batch"], importance_score=cfg["importance_score"],
-        selective_beta=cfg["selective_beta"],
+        batch_size=cfg.batch_size, augment=cfg.augment,
+        evaluate_each_step=cfg.evaluate_each_step, unit_chunk=cfg.unit_chunk,
+        sample_batch=cfg.sample_batch, importance_score=cfg.importance_score,
+        selective_beta=cfg.selective_beta,
     )  # fmt: skip
 
 
 # ------------------------------------------------------------------ data and model
-def check_data(cfg: dict) -> None:
+def check_data(cfg: ExperimentConfig) -> None:
     """Stops before any work, in one line, when the dataset can be neither found nor downloaded."""
     try:
-        where = data.check_available(cfg["dataset"], cfg["data_dir"])
+        where = data.check_available(cfg.dataset, cfg.data_dir)
     except data.DataNotFoundError as e:
         raise UserError(str(e)) from None
-    logging.info("Data %s: %s", cfg["dataset"], where)
+    logging.info("Data %s: %s", cfg.dataset, where)
 
 
-def load_data(cfg: dict) -> tuple[data.Split, data.Split]:
+def load_data(cfg: ExperimentConfig) -> tuple[data.Split, data.Split]:
     check_data(cfg)
-    with Progress(f"loading {cfg['dataset']}"):
-        train_split = data.load_split(cfg["dataset"], "train", cfg["data_dir"])
-        test_split = data.load_split(cfg["dataset"], "test", cfg["data_dir"])
-    if cfg["max_train_examples"]:
-        train_split = data.take(train_split, cfg["max_train_examples"])
-    if cfg["max_test_examples"]:
-        test_split = data.take(test_split, cfg["max_test_examples"])
+    with Progress(f"loading {cfg.dataset}"):
+        train_split = data.load_split(cfg.dataset, "train", cfg.data_dir)
+        test_split = data.load_split(cfg.dataset, "test", cfg.data_dir)
+    if cfg.max_train_examples:
+        train_split = data.take(train_split, cfg.max_train_examples)
+    if cfg.max_test_examples:
+        test_split = data.take(test_split, cfg.max_test_examples)
     return train_split, test_split
 
 
-def build_model(cfg: dict):
+def build_model(cfg: ExperimentConfig):
     return models.get_model(
-        cfg["model"], data.num_classes(cfg["dataset"]), cfg["width"], DTYPES[cfg["compute_dtype"]]
+        cfg.model, data.num_classes(cfg.dataset), cfg.width, DTYPES[cfg.compute_dtype]
     )
 
 
-def base_config(cfg: dict) -> dict:
-    out = {k: cfg[k] for k in BASE_KEYS}
+def base_config(cfg: ExperimentConfig) -> dict:
+    """Everything that determines the base model (its checkpoint's key)."""
+    record = cfg.as_record()
+    out = {k: record[k] for k in BASE_KEYS}
     out["tdu_jax_base_format"] = 1
     return out
 
@@ -459,14 +501,14 @@ class Progress:
             self._log(message)
 
 
-def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
+def get_base_model(cfg: ExperimentConfig, train_split: data.Split, test_split: data.Split):
     """Trains the base model once, or restores it from its config-keyed checkpoint."""
     base_cfg = base_config(cfg)
     directory = (
-        pathlib.Path(cfg["workdir"]) / "base" / f"{cfg['model']}-{checkpoint.config_key(base_cfg)}"
+        pathlib.Path(cfg.workdir) / "base" / f"{cfg.model}-{checkpoint.config_key(base_cfg)}"
     )
     model = build_model(cfg)
-    if checkpoint.exists(directory) and not cfg["retrain_base"]:
+    if checkpoint.exists(directory) and not cfg.retrain_base:
         logging.info("Reusing base model %s", directory)
         try:
             params, batch_stats, _ = checkpoint.restore_model(directory, base_cfg)
@@ -475,22 +517,22 @@ def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
             raise UserError(f"{first} Pass --retrain_base to train and save it anew, or use "
                             "another --workdir") from None  # fmt: skip
         return model, params, batch_stats, {"checkpoint": str(directory), "trained_now": False}
-    init_key, train_key = jax.random.split(jax.random.key(cfg["seed"]))
-    params, batch_stats = models.init_variables(model, init_key, data.image_shape(cfg["dataset"]))
-    logging.info("Training base %s on %d images for %d epochs", cfg["model"], train_split.size,
-                 cfg["train_epochs"])  # fmt: skip
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    params, batch_stats = models.init_variables(model, init_key, data.image_shape(cfg.dataset))
+    logging.info("Training base %s on %d images for %d epochs", cfg.model, train_split.size,
+                 cfg.train_epochs)  # fmt: skip
     start = time.perf_counter()
     params, batch_stats, history = train.train(
-        model, params, batch_stats, train_split, dataset=cfg["dataset"],
-        config=base_optimizer(cfg), epochs=cfg["train_epochs"],
-        batch_size=min(cfg["train_batch_size"], train_split.size), key=train_key,
-        augment=cfg["augment"], eval_split=test_split, progress=Progress("train base"),
+        model, params, batch_stats, train_split, dataset=cfg.dataset,
+        config=base_optimizer(cfg), epochs=cfg.train_epochs,
+        batch_size=min(cfg.train_batch_size, train_split.size), key=train_key,
+        augment=cfg.augment, eval_split=test_split, progress=Progress("train base"),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     for record in history:
         logging.info("epoch %d: %s", record["epoch"], record)
     checkpoint.save_model(directory, params, batch_stats, base_cfg,
-                          overwrite=cfg["retrain_base"])  # fmt: skip
+                          overwrite=cfg.retrain_base)  # fmt: skip
     result_files.write_json_atomic(directory / "train_history.json", {"history": history,
                              "seconds": seconds})  # fmt: skip
     return (
@@ -506,18 +548,18 @@ def get_base_model(cfg: dict, train_split: data.Split, test_split: data.Split):
     )
 
 
-def importance_sample(cfg: dict, train_split: data.Split) -> data.Split:
-    forget, _ = data.forget_retain(train_split, cfg["forget_class"])
-    pool = forget if cfg["importance_data"] == "forget" else train_split
-    if cfg["importance_fraction"] < 1:
-        return data.random_fraction(pool, cfg["importance_fraction"], cfg["seed"])
+def importance_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:
+    forget, _ = data.forget_retain(train_split, cfg.forget_class)
+    pool = forget if cfg.importance_data == "forget" else train_split
+    if cfg.importance_fraction < 1:
+        return data.random_fraction(pool, cfg.importance_fraction, cfg.seed)
     return pool
 
 
-def retain_sample(cfg: dict, train_split: data.Split) -> data.Split:
+def retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:
     """Seeded retain-class images scored by the selective importance score."""
-    _, retain = data.forget_retain(train_split, cfg["forget_class"])
-    return calibrate.retain_sample(retain, cfg["retain_sample_size"], cfg["seed"])
+    _, retain = data.forget_retain(train_split, cfg.forget_class)
+    return calibrate.retain_sample(retain, cfg.retain_sample_size, cfg.seed)
 
 
 def compute_importance(cfg, model, params, batch_stats, train_split, spec):
@@ -526,24 +568,24 @@ def compute_importance(cfg, model, params, batch_stats, train_split, spec):
     def score(split):
         logging.info("Importance of %d units on %d images", spec.num_units, split.size)
         return importance.ablation_importance(
-            model, params, batch_stats, data.to_float(split.images, cfg["dataset"]),
-            split.labels, spec, unit_chunk=cfg["unit_chunk"], sample_batch=cfg["sample_batch"],
+            model, params, batch_stats, data.to_float(split.images, cfg.dataset),
+            split.labels, spec, unit_chunk=cfg.unit_chunk, sample_batch=cfg.sample_batch,
             progress=Progress("importance"),
         )  # fmt: skip
 
     def compute():
         imp = score(importance_sample(cfg, train_split))
-        if cfg["importance_score"] == "selective":
+        if cfg.importance_score == "selective":
             imp = selective.selective_importance(
-                imp, score(retain_sample(cfg, train_split)), cfg["selective_beta"]
+                imp, score(retain_sample(cfg, train_split)), cfg.selective_beta
             )
         return imp
 
     key = importance_key(cfg, params, batch_stats)
-    return importance_cache.cached(cfg["workdir"], key, compute)
+    return importance_cache.cached(cfg.workdir, key, compute)
 
 
-def importance_key(cfg: dict, params, batch_stats) -> dict:
+def importance_key(cfg: ExperimentConfig, params, batch_stats) -> dict:
     """Everything that determines importance scores: the model's variables, the sample, the
     units and the estimator (not chunk sizes, which only bound memory)."""
     digest = hashlib.sha256()
@@ -552,27 +594,28 @@ def importance_key(cfg: dict, params, batch_stats) -> dict:
     keys = ("dataset", "model", "width", "compute_dtype", "forget_class", "importance_data",
             "importance_fraction", "seed", "max_train_examples", "granularity", "include",
             "exclude", "include_bn", "importance_score")  # fmt: skip
-    out = {k: cfg[k] for k in keys}
-    if cfg["importance_score"] == "selective":
-        out.update(selective_beta=cfg["selective_beta"], retain_size=cfg["retain_sample_size"])
+    record = cfg.as_record()
+    out = {k: record[k] for k in keys}
+    if cfg.importance_score == "selective":
+        out.update(selective_beta=cfg.selective_beta, retain_size=cfg.retain_sample_size)
     out.update(variables_sha256=digest.hexdigest(), estimator="exact ablation",
-               data_version=data._VERSIONS[cfg["dataset"]])  # fmt: skip
+               data_version=data._VERSIONS[cfg.dataset])  # fmt: skip
     return out
 
 
-def unit_spec(cfg: dict, params) -> units.UnitSpec:
-    return units.enumerate_units(params, cfg["granularity"], cfg["include"], cfg["exclude"],
-                                 cfg["include_bn"])  # fmt: skip
+def unit_spec(cfg: ExperimentConfig, params) -> units.UnitSpec:
+    return units.enumerate_units(params, cfg.granularity, cfg.include, cfg.exclude,
+                                 cfg.include_bn)  # fmt: skip
 
 
 def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> dict:
     """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``)."""
-    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    forget, retain = data.forget_retain(train_split, cfg.forget_class)
     sweep = calibrate.sweep_decay(
-        model, params, batch_stats, dataset=cfg["dataset"], forget_train=forget,
+        model, params, batch_stats, dataset=cfg.dataset, forget_train=forget,
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
-        spec=spec, top_ks=cfg["sweep_top_k"], dts=cfg["sweep_dt"], lam=cfg["lam"],
-        decay_steps=cfg["decay_steps"], forget_max=cfg["sweep_forget_max"],
+        spec=spec, top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, lam=cfg.lam,
+        decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
     )  # fmt: skip
     logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])
     return sweep
@@ -582,27 +625,27 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     """``sweep``'s points checked through cfg's own decay and fine-tuning
     (``calibrate.confirm_after_finetune``); a sweep made with another lambda or T (e.g. the
     table's no-fine-tune row) is first redone with cfg's."""
-    if (sweep["lambda"], sweep["decay_steps"]) != (cfg["lam"], cfg["decay_steps"]):
+    if (sweep["lambda"], sweep["decay_steps"]) != (cfg.lam, cfg.decay_steps):
         spec = unit_spec(cfg, params)
         sweep = calibrate_decay(cfg, model, params, batch_stats, train_split, precomputed, spec)
-    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    forget, retain = data.forget_retain(train_split, cfg.forget_class)
     sample = importance_sample(cfg, train_split)
-    extra = retain_sample(cfg, train_split) if cfg["importance_score"] == "selective" else None
+    extra = retain_sample(cfg, train_split) if cfg.importance_score == "selective" else None
 
     def run(top_k, dt):
-        ucfg = unlearn_config({**cfg, "top_k": top_k, "dt": dt}, retain.size)
+        ucfg = unlearn_config(dataclasses.replace(cfg, top_k=top_k, dt=dt), retain.size)
         logging.info("Calibration: checking K=%s dt=%s through the row's fine-tuning", top_k, dt)
         result = unlearn.unlearn(
-            model, params, batch_stats, dataset=cfg["dataset"],
+            model, params, batch_stats, dataset=cfg.dataset,
             data_in=unlearn.UnlearnData(sample, retain, _empty(train_split),
-                                        tuple(cfg["forget_class"]), extra),
+                                        cfg.forget_class, extra),
             config=ucfg._replace(evaluate_each_step=False), key=run_key(cfg),
             precomputed=precomputed,
         )  # fmt: skip
         return result.params, result.batch_stats
 
     confirmed = calibrate.confirm_after_finetune(
-        model, sweep=sweep, run=run, dataset=cfg["dataset"], forget_train=forget,
+        model, sweep=sweep, run=run, dataset=cfg.dataset, forget_train=forget,
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0),
     )  # fmt: skip
     logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
@@ -610,9 +653,9 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     return confirmed
 
 
-def run_key(cfg: dict) -> jax.Array:
+def run_key(cfg: ExperimentConfig) -> jax.Array:
     """The unlearning run's key (random-K selection and fine-tune batch order)."""
-    return jax.random.fold_in(jax.random.key(cfg["seed"]), 1)
+    return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
 
 def _empty(split: data.Split) -> data.Split:
@@ -624,10 +667,10 @@ SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
 
 def accuracies(model, params, batch_stats, cfg, train_split, test_split) -> tuple[dict, list]:
     """forget/retain/test accuracy on test, forget/retain accuracy on train (percent)."""
-    ev = metrics.evaluate(model, params, batch_stats, test_split, dataset=cfg["dataset"],
-                          forget_classes=cfg["forget_class"])  # fmt: skip
-    tr = metrics.evaluate(model, params, batch_stats, train_split, dataset=cfg["dataset"],
-                          forget_classes=cfg["forget_class"])  # fmt: skip
+    ev = metrics.evaluate(model, params, batch_stats, test_split, dataset=cfg.dataset,
+                          forget_classes=cfg.forget_class)  # fmt: skip
+    tr = metrics.evaluate(model, params, batch_stats, train_split, dataset=cfg.dataset,
+                          forget_classes=cfg.forget_class)  # fmt: skip
     out = {k: ev[k] for k in ("forget_acc", "retain_acc", "test_acc")}
     out.update(forget_train_acc=tr["forget_acc"], retain_train_acc=tr["retain_acc"])
     return out, ev["per_class"]
@@ -642,12 +685,12 @@ def versions() -> dict:
     }  # fmt: skip
 
 
-def run_dir(cfg: dict) -> pathlib.Path:
-    name = cfg.get("run_name") or f"{cfg['row'] or 'custom'}-seed{cfg['seed']}"
-    return pathlib.Path(cfg["workdir"]) / name
+def run_dir(cfg: ExperimentConfig) -> pathlib.Path:
+    name = cfg.run_name or f"{cfg.row or 'custom'}-seed{cfg.seed}"
+    return pathlib.Path(cfg.workdir) / name
 
 
-def existing_result(cfg: dict) -> dict | None:
+def existing_result(cfg: ExperimentConfig) -> dict | None:
     """A finished result of the same config (resume), or None; refuses to clobber others."""
     path = run_dir(cfg) / "result.json"
     if not path.exists():
@@ -655,7 +698,7 @@ def existing_result(cfg: dict) -> dict | None:
     saved = result_files.read_json(path)
     if resume_key(saved.get("config", {})) == resume_key(_public(cfg)):
         return saved
-    if not cfg["overwrite"]:
+    if not cfg.overwrite:
         raise FileExistsError(
             f"{path} holds a result of a different config; pass --overwrite or --run_name"
         )
@@ -670,9 +713,10 @@ def resume_key(config: dict) -> str:
     return checkpoint.config_key(config)
 
 
-def _public(cfg: dict) -> dict:
+def _public(cfg: ExperimentConfig) -> dict:
     """The config as recorded and compared: everything but permissions and safety checks."""
-    return {k: v for k, v in cfg.items() if k not in ("overwrite", "retrain_base", "min_base_acc")}
+    return {k: v for k, v in cfg.as_record().items()
+            if k not in ("overwrite", "retrain_base", "min_base_acc")}  # fmt: skip
 
 
 def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
@@ -683,12 +727,12 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     request, e.g. by ``reproduce``) or from a sweep run here with this row's lambda and T.
     """
     start = time.perf_counter()
-    _, retain_train = data.forget_retain(train_split, cfg["forget_class"])
+    _, retain_train = data.forget_retain(train_split, cfg.forget_class)
     sample = importance_sample(cfg, train_split)
     importance_seconds = 0.0  # spent here computing (or loading) importance, before unlearn
-    if not cfg["calibrate"]:
+    if not cfg.calibrate:
         calibration = None
-    elif calibration is None and cfg["decay_steps"] > 0:
+    elif calibration is None and cfg.decay_steps > 0:
         spec = unit_spec(cfg, params)
         if precomputed is None:
             importance_start = time.perf_counter()
@@ -696,8 +740,8 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             importance_seconds = time.perf_counter() - importance_start
         calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
                                       precomputed, spec)  # fmt: skip
-    if calibration is not None and cfg["calibrate_finetune"] and cfg["finetune"] != "none":
-        if precomputed is None and cfg["selection"] == "topk" and not cfg["reestimate"]:
+    if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
+        if precomputed is None and cfg.selection == "topk" and not cfg.reestimate:
             importance_start = time.perf_counter()
             precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
                                              unit_spec(cfg, params))  # fmt: skip
@@ -705,8 +749,8 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
         calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
                                           calibration, precomputed)  # fmt: skip
     if calibration is not None:
-        cfg = {**cfg, **calibration["chosen"]}
-    if precomputed is None and cfg["selection"] == "topk" and not cfg["reestimate"]:
+        cfg = dataclasses.replace(cfg, **calibration["chosen"])
+    if precomputed is None and cfg.selection == "topk" and not cfg.reestimate:
         # Through the workdir's importance cache: a rerun or resumed run reuses the scores.
         importance_start = time.perf_counter()
         precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
@@ -723,10 +767,10 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
                             info["seconds"] if phase == "importance" else info)  # fmt: skip
 
     result = unlearn.unlearn(
-        model, params, batch_stats, dataset=cfg["dataset"],
+        model, params, batch_stats, dataset=cfg.dataset,
         data_in=unlearn.UnlearnData(
-            sample, retain_train, test_split, tuple(cfg["forget_class"]),
-            retain_sample(cfg, train_split) if cfg["importance_score"] == "selective" else None,
+            sample, retain_train, test_split, cfg.forget_class,
+            retain_sample(cfg, train_split) if cfg.importance_score == "selective" else None,
         ),
         config=ucfg, key=run_key(cfg), event=event,
         precomputed=precomputed,
@@ -740,7 +784,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     timings["total"] = time.perf_counter() - start
     imp = result.importance
     out = {
-        "row": cfg["row"],
+        "row": cfg.row,
         "config": _public(cfg),
         "calibration": calibration,
         "base": base["acc"],
@@ -749,7 +793,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
         "history": result.history,
         "finetune_batches": result.finetune_batches,
         "importance": {
-            "granularity": cfg["granularity"],
+            "granularity": cfg.granularity,
             "num_units": result.spec.num_units,
             "sample_size": sample.size,
             "selected": int(result.selected.size),
@@ -757,13 +801,14 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             "reused": precomputed is not None and imp is precomputed,
             "base_sample_accuracy": None if imp is None else imp.base_accuracy,
         },  # fmt: skip
-        "selected_norm_ratio": selected_norm_ratio(params, result.params, result.spec,
-                                                   result.selected),  # fmt: skip
+        "selected_norm_ratio": selected_norm_ratio(
+            params, result.params, result.spec, result.selected
+        ),
         "timings": timings,
         "versions": versions(),
         "base_model": {k: v for k, v in base.items() if k not in ("acc", "per_class")},
     }
-    if cfg["compare_retrain"]:
+    if cfg.compare_retrain:
         from experiments import gold  # local: gold builds on this module
 
         seconds = gold.unlearning_seconds(timings, None if imp is None else imp.seconds)
@@ -795,7 +840,7 @@ def selected_norm_ratio(before, after, spec, selected) -> float | None:
     return norm(after) / base if base > 0 else None
 
 
-def prepare_base(cfg: dict):
+def prepare_base(cfg: ExperimentConfig):
     """Data, base model and its accuracies (train once, reuse after)."""
     train_split, test_split = load_data(cfg)
     model, params, batch_stats, base = get_base_model(cfg, train_split, test_split)
@@ -806,16 +851,16 @@ def prepare_base(cfg: dict):
     return train_split, test_split, model, params, batch_stats, base
 
 
-def check_base_usable(cfg: dict, test_acc: float) -> None:
+def check_base_usable(cfg: ExperimentConfig, test_acc: float) -> None:
     """Refuses a base model near chance accuracy (nothing to unlearn), naming the fixes."""
-    chance = 100.0 / data.num_classes(cfg["dataset"])
-    floor = 2 * chance if cfg["min_base_acc"] < 0 else cfg["min_base_acc"]
+    chance = 100.0 / data.num_classes(cfg.dataset)
+    floor = 2 * chance if cfg.min_base_acc < 0 else cfg.min_base_acc
     if test_acc < floor:
         raise UserError(
             f"the base model is unusable: test accuracy {test_acc:.2f}% is below "
             f"--min_base_acc={floor:g}% (chance: {chance:g}%), so unlearning results would mean "
             f"nothing. Train it longer or on more data (--train_epochs="
-            f"{max(2 * cfg['train_epochs'], 1)}, --max_train_examples=0; a new setting trains a "
+            f"{max(2 * cfg.train_epochs, 1)}, --max_train_examples=0; a new setting trains a "
             "new base model), or pass --min_base_acc=0 to run anyway"
         )
 
@@ -877,14 +922,20 @@ def setup_logging() -> None:
         handler.addFilter(_QuietThirdParty())
 
 
-def main_single(dataset: str) -> None:
-    """Body of mnist_lenet / cifar_ship: one run, then a one-screen summary."""
+def main_single(dataset: str, defaults: dict) -> None:
+    """The whole of ``mnist_lenet`` / ``cifar_ship``: every flag, with the entry point's
+    table-wide ``defaults``, then one run on ``dataset`` and a one-screen summary."""
+    define_flags(**defaults)
+    app.run(lambda argv: _single_run(dataset))
+
+
+def _single_run(dataset: str) -> None:
     with bad_input():
         cfg = config_from_flags(dataset)
-        done = None if cfg["retrain_base"] else existing_result(cfg)
+        done = None if cfg.retrain_base else existing_result(cfg)
     RESUME_NOTE["text"] = (
         f"rerun the same command to resume: the base model and importance, once saved under "
-        f"{cfg['workdir']}, are reused."
+        f"{cfg.workdir}, are reused."
     )
     if done is not None:
         logging.info("Result exists for this config: %s", run_dir(cfg) / "result.json")

@@ -20,6 +20,7 @@ dataset (``method_configs``); ``decay`` sizes K and dt per request on the traini
 after-each-step row, L4 on MNIST and C7 on CIFAR-10).
 """
 
+import dataclasses
 import pathlib
 import time
 
@@ -28,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, gold, mnist_lenet
+from experiments.config import ExperimentConfig
 from tdu_jax import calibrate, data, methods, metrics, plots, result_files, train
 from tdu_jax import forgetting_report as fr
 from tdu_jax.methods import finetune, ours, salun, scrub, ssd
@@ -47,20 +49,20 @@ flags.DEFINE_float("val_fraction", 0.1, "Share of the training split held out fo
 FLAGS = flags.FLAGS
 
 
-def method_configs(cfg: dict, retain_size: int) -> dict:
+def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
     """Each method's config for this dataset: the documented defaults, with the dataset's
     batch size, augmentation and (for decay and retrain) the entry point's settings."""
-    aug, batch = cfg["augment"], 256
+    aug, batch = cfg.augment, 256
     ucfg = common.unlearn_config(cfg, retain_size)._replace(evaluate_each_step=False)
     return {
         "retrain": ours.RetrainConfig(optimizer=common.base_optimizer(cfg),
-                                      epochs=cfg["train_epochs"],
-                                      batch_size=cfg["train_batch_size"], augment=aug),
+                                      epochs=cfg.train_epochs,
+                                      batch_size=cfg.train_batch_size, augment=aug),
         "decay": ours.DecayConfig(
-            unlearn=ucfg, importance_fraction=cfg["importance_fraction"],
-            retain_sample_size=cfg["retain_sample_size"], calibrate=cfg["calibrate"],
-            sweep_top_k=tuple(cfg["sweep_top_k"]), sweep_dt=tuple(cfg["sweep_dt"]),
-            sweep_forget_max=cfg["sweep_forget_max"]),
+            unlearn=ucfg, importance_fraction=cfg.importance_fraction,
+            retain_sample_size=cfg.retain_sample_size, calibrate=cfg.calibrate,
+            sweep_top_k=cfg.sweep_top_k, sweep_dt=cfg.sweep_dt,
+            sweep_forget_max=cfg.sweep_forget_max),
         "ft": finetune.FTConfig(batch_size=batch, augment=aug),
         "ga": finetune.GAConfig(batch_size=batch, augment=aug),
         "neggrad_plus": finetune.NegGradPlusConfig(batch_size=batch, augment=aug),
@@ -85,7 +87,7 @@ def scaled(mcfg, factor: float):
     return mcfg._replace(optimizer=opt._replace(learning_rate=opt.learning_rate * factor))
 
 
-def tune(cfg, names, configs, model, params, bs, train_split) -> dict:
+def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: float) -> dict:
     """One sweep per peer method on a validation split carved from the training data.
 
     The method runs on the rest of the training split; each grid point is scored by forget
@@ -93,13 +95,13 @@ def tune(cfg, names, configs, model, params, bs, train_split) -> dict:
     retain accuracy with forget accuracy <= TUNE_FORGET_MAX, else lowest forget accuracy).
     Test data is never used. Returns {method: {"factor", "points"}}.
     """
-    n_val = max(1, int(round(cfg["val_fraction"] * train_split.size)))
-    order = np.random.default_rng(cfg["seed"]).permutation(train_split.size)
+    n_val = max(1, int(round(val_fraction * train_split.size)))
+    order = np.random.default_rng(cfg.seed).permutation(train_split.size)
     fit = data.Split(train_split.images[order[n_val:]], train_split.labels[order[n_val:]])
     val = data.Split(train_split.images[order[:n_val]], train_split.labels[order[:n_val]])
-    forget, retain = data.forget_retain(fit, cfg["forget_class"])
-    data_in = methods.MethodData(forget, retain, tuple(cfg["forget_class"]),
-                                 data.num_classes(cfg["dataset"]))  # fmt: skip
+    forget, retain = data.forget_retain(fit, cfg.forget_class)
+    data_in = methods.MethodData(forget, retain, cfg.forget_class,
+                                 data.num_classes(cfg.dataset))  # fmt: skip
     chosen = {}
     for name in names:
         if name in ("decay", "retrain"):
@@ -107,12 +109,12 @@ def tune(cfg, names, configs, model, params, bs, train_split) -> dict:
         points = []
         for factor in TUNE_GRID:
             mcfg = scaled(configs[name], factor)
-            key = jax.random.key(cfg["seed"])
+            key = jax.random.key(cfg.seed)
             result = methods.run_method(name, model, params, bs, data_in, key, mcfg,
-                                        dataset=cfg["dataset"])  # fmt: skip
+                                        dataset=cfg.dataset)  # fmt: skip
             pred = metrics.predict(model, result.params, result.batch_stats, val.images,
-                                   dataset=cfg["dataset"])  # fmt: skip
-            acc = metrics.forget_retain_accuracy(pred, val.labels, cfg["forget_class"])
+                                   dataset=cfg.dataset)  # fmt: skip
+            acc = metrics.forget_retain_accuracy(pred, val.labels, cfg.forget_class)
             # Validation accuracies under the names calibrate.choose reads.
             points.append({"factor": factor, "forget_train_acc": acc["forget_acc"],
                            "retain_train_acc": acc["retain_acc"]})  # fmt: skip
@@ -122,14 +124,14 @@ def tune(cfg, names, configs, model, params, bs, train_split) -> dict:
     return chosen
 
 
-def cell_dir(cfg: dict, method: str, classes: list[int], seed: int) -> pathlib.Path:
-    name = "+".join(data.class_names(cfg["dataset"])[c] for c in classes)
-    return pathlib.Path(cfg["workdir"]) / f"{method}-{name}-seed{seed}"
+def cell_dir(cfg: ExperimentConfig, method: str, classes: list[int], seed: int) -> pathlib.Path:
+    name = "+".join(data.class_names(cfg.dataset)[c] for c in classes)
+    return pathlib.Path(cfg.workdir) / f"{method}-{name}-seed{seed}"
 
 
 def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> dict:
     """One method on one request: run it, then the forgetting report against retrained."""
-    forget, retain = data.forget_retain(train_split, cfg["forget_class"])
+    forget, retain = data.forget_retain(train_split, cfg.forget_class)
     if method == "retrain":
         refs = gold.reference_metrics(cfg, model, params, bs, train_split, test_split)
         final = {k: v for k, v in refs["retrained"].items()}
@@ -140,12 +142,12 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
                "control": refs["control"], "separates": refs["separates"],
                "gap": gold.gap(final, refs["retrained"]), "cost_ratio": 1.0}  # fmt: skip
     else:
-        data_in = methods.MethodData(forget, retain, tuple(cfg["forget_class"]),
-                                     data.num_classes(cfg["dataset"]))  # fmt: skip
-        key = jax.random.fold_in(jax.random.key(cfg["seed"]), 11)
+        data_in = methods.MethodData(forget, retain, cfg.forget_class,
+                                     data.num_classes(cfg.dataset))  # fmt: skip
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 11)
         start = time.perf_counter()
         result = methods.run_method(method, model, params, bs, data_in, key, mcfg,
-                                    dataset=cfg["dataset"])  # fmt: skip
+                                    dataset=cfg.dataset)  # fmt: skip
         info = {k: v for k, v in result.info.items() if k != "calibration"}
         info["seconds"] = time.perf_counter() - start
         out = gold.compare(cfg, model, params, bs, result.params, result.batch_stats,
@@ -216,19 +218,19 @@ def plot_compare(cells: list[dict], workdir: pathlib.Path) -> None:
         plots._save_figure(fig, workdir / path)
 
 
-def parse_args(cfg: dict) -> tuple[list[str], list[list[int]], list[int]]:
+def parse_args(cfg: ExperimentConfig) -> tuple[list[str], list[list[int]], list[int]]:
     names = FLAGS.methods.split(",")
     for name in names:
         if name not in methods.METHODS:
             raise ValueError(f"--methods: {name!r} is not one of {', '.join(methods.METHODS)}")
     text = FLAGS.forget_classes
     if text is None:
-        requests = [list(cfg["forget_class"])]
+        requests = [list(cfg.forget_class)]
     elif text == "all":
-        requests = [[c] for c in range(data.num_classes(cfg["dataset"]))]
+        requests = [[c] for c in range(data.num_classes(cfg.dataset))]
     else:
         try:
-            requests = [[c] for c in data.parse_classes(cfg["dataset"], text)]
+            requests = [[c] for c in data.parse_classes(cfg.dataset, text)]
         except ValueError as e:
             raise ValueError(f"--forget_classes: {e} (or 'all')") from None
     try:
@@ -243,27 +245,27 @@ def main(argv):
     defaults = mnist_lenet.DEFAULTS if FLAGS.dataset == "mnist" else cifar_ship.DEFAULTS
     with common.bad_input():
         cfg = common.config_from_flags(FLAGS.dataset, defaults)
-        if cfg["row"] is None:  # decay's fine-tuning: the reference's after-each-step row
+        if cfg.row is None:  # decay's fine-tuning: the reference's after-each-step row
             cfg = common.validate_config(
                 common.apply_preset(cfg, "L4" if FLAGS.dataset == "mnist" else "C7")
             )
-        cfg["workdir"] = str(pathlib.Path(cfg["workdir"]) / "compare")
+        cfg = dataclasses.replace(cfg, workdir=str(pathlib.Path(cfg.workdir) / "compare"))
         names, requests, seeds = parse_args(cfg)
         train.validate_optimizer_config(common.base_optimizer(cfg))
-    workdir = pathlib.Path(cfg["workdir"])
+    workdir = pathlib.Path(cfg.workdir)
     cells = []
     for seed in seeds:
-        seed_cfg = {**cfg, "seed": seed}
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
         train_split, test_split, model, params, bs, _ = common.prepare_base(seed_cfg)
         for classes in requests:
-            req = {**seed_cfg, "forget_class": classes, "compare_retrain": True}
+            req = dataclasses.replace(seed_cfg, forget_class=classes, compare_retrain=True)
             _, retain = data.forget_retain(train_split, classes)
             configs = method_configs(req, retain.size)
             if FLAGS.tune:
                 tuning_path = workdir / "tuning.json"
                 if not tuning_path.exists():
-                    tuned = tune({**req, "val_fraction": FLAGS.val_fraction}, names, configs,
-                                 model, params, bs, train_split)  # fmt: skip
+                    tuned = tune(req, names, configs, model, params, bs, train_split,
+                                 FLAGS.val_fraction)  # fmt: skip
                     result_files.write_json_atomic(tuning_path, {"request": classes, "seed": seed,
                                                            "chosen": tuned})  # fmt: skip
                 tuned = result_files.read_json(tuning_path)["chosen"]
@@ -280,8 +282,8 @@ def main(argv):
                                 test_split)  # fmt: skip
                 result_files.write_json_atomic(path, cell)
                 cells.append(cell)
-                write_outputs(workdir, cells, cfg["dataset"], partial=True)
-    write_outputs(workdir, cells, cfg["dataset"], partial=False)
+                write_outputs(workdir, cells, cfg.dataset, partial=True)
+    write_outputs(workdir, cells, cfg.dataset, partial=False)
     print((workdir / "compare.md").read_text())
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
+from experiments.config import ExperimentConfig
 from tdu_jax import checkpoint, data, forgetting, result_files, unlearn
 
 ACCURACY_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_train_acc", "retain_train_acc")
@@ -42,18 +43,18 @@ METRICS_FORMAT = 1  # bump when a metric's definition changes (invalidates cache
 _MEMO: dict[str, dict] = {}
 
 
-def retrain_config(cfg: dict) -> dict:
+def retrain_config(cfg: ExperimentConfig) -> dict:
     """Everything that determines the retrained model: the base recipe plus forget classes."""
-    return {**common.base_config(cfg), "forget_class": sorted(cfg["forget_class"]),
+    return {**common.base_config(cfg), "forget_class": sorted(cfg.forget_class),
             "tdu_jax_retrain_format": 1}  # fmt: skip
 
 
-def retrain_dir(cfg: dict) -> pathlib.Path:
+def retrain_dir(cfg: ExperimentConfig) -> pathlib.Path:
     key = checkpoint.config_key(retrain_config(cfg))
-    return pathlib.Path(cfg["workdir"]) / "retrain" / f"{cfg['model']}-{key}"
+    return pathlib.Path(cfg.workdir) / "retrain" / f"{cfg.model}-{key}"
 
 
-def get_retrained_model(cfg: dict, model, train_split: data.Split):
+def get_retrained_model(cfg: ExperimentConfig, model, train_split: data.Split):
     """Trains the retrained model once (same recipe and seed as the base), or restores it.
 
     Returns:
@@ -66,14 +67,14 @@ def get_retrained_model(cfg: dict, model, train_split: data.Split):
         logging.info("Reusing retrained model %s", directory)
         return params, batch_stats, {"checkpoint": str(directory), "trained_now": False,
                                      "train_seconds": seconds}  # fmt: skip
-    _, retain = data.forget_retain(train_split, cfg["forget_class"])
-    logging.info("Retraining %s without classes %s on %d images for %d epochs", cfg["model"],
-                 cfg["forget_class"], retain.size, cfg["train_epochs"])  # fmt: skip
+    _, retain = data.forget_retain(train_split, cfg.forget_class)
+    logging.info("Retraining %s without classes %s on %d images for %d epochs", cfg.model,
+                 list(cfg.forget_class), retain.size, cfg.train_epochs)  # fmt: skip
     start = time.perf_counter()
     params, batch_stats, history = unlearn.retrain_from_scratch(
-        model, retain, dataset=cfg["dataset"], config=common.base_optimizer(cfg),
-        epochs=cfg["train_epochs"], batch_size=min(cfg["train_batch_size"], retain.size),
-        key=jax.random.key(cfg["seed"]), augment=cfg["augment"],
+        model, retain, dataset=cfg.dataset, config=common.base_optimizer(cfg),
+        epochs=cfg.train_epochs, batch_size=min(cfg.train_batch_size, retain.size),
+        key=jax.random.key(cfg.seed), augment=cfg.augment,
         progress=common.Progress("retrain", 10.0),
     )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -84,9 +85,9 @@ def get_retrained_model(cfg: dict, model, train_split: data.Split):
                                  "train_seconds": seconds}  # fmt: skip
 
 
-def metrics_key(cfg: dict) -> jax.Array:
+def metrics_key(cfg: ExperimentConfig) -> jax.Array:
     """One key for every model's attack samples in a (seed, classes) pair: same members."""
-    return jax.random.fold_in(jax.random.key(cfg["seed"]), 7)
+    return jax.random.fold_in(jax.random.key(cfg.seed), 7)
 
 
 def model_metrics(cfg, model, params, batch_stats, train_split, test_split,
@@ -94,8 +95,8 @@ def model_metrics(cfg, model, params, batch_stats, train_split, test_split,
     """Accuracies and every attack metric of one model (percent; relearn in steps)."""
     acc, _ = common.accuracies(model, params, batch_stats, cfg, train_split, test_split)
     attacks = forgetting.forgetting_metrics(
-        model, params, batch_stats, dataset=cfg["dataset"], train=train_split, test=test_split,
-        forget_classes=tuple(cfg["forget_class"]), key=metrics_key(cfg),
+        model, params, batch_stats, dataset=cfg.dataset, train=train_split, test=test_split,
+        forget_classes=cfg.forget_class, key=metrics_key(cfg),
         reference_predictions=reference_predictions,
     )  # fmt: skip
     return {**acc, **attacks}
@@ -111,7 +112,7 @@ def reference_metrics(cfg, model, base_params, base_batch_stats, train_split, te
     """
     directory = retrain_dir(cfg)
     cache_cfg = {"retrain": retrain_config(cfg), "format": METRICS_FORMAT,
-                 "max_test_examples": cfg["max_test_examples"]}  # fmt: skip
+                 "max_test_examples": cfg.max_test_examples}  # fmt: skip
     cache_key = checkpoint.config_key(cache_cfg)
     path = directory / f"reference_metrics-{cache_key}.json"
     if cache_key in _MEMO:
@@ -124,11 +125,11 @@ def reference_metrics(cfg, model, base_params, base_batch_stats, train_split, te
     hist = retrained["forget_predictions"]
     retrained.update(info, forget_prediction_js=0.0)
     base = model_metrics(cfg, model, base_params, base_batch_stats, train_split, test_split, hist)
-    control_params = forgetting.silence_classes(base_params, cfg["forget_class"])
+    control_params = forgetting.silence_classes(base_params, cfg.forget_class)
     control = model_metrics(cfg, model, control_params, base_batch_stats, train_split,
                             test_split, hist)  # fmt: skip
     out = {"retrained": retrained, "base": base, "control": control,
-           "separates": separates(control, retrained, cfg["dataset"])}  # fmt: skip
+           "separates": separates(control, retrained, cfg.dataset)}  # fmt: skip
     result_files.write_json_atomic(path, out)
     _MEMO[cache_key] = out
     return out

@@ -9,8 +9,6 @@ then runs importance -> decay -> fine-tune in about a minute and writes
 <workdir>/<run_name>/result.json.
 """
 
-from absl import app
-
 from experiments import common
 
 # Table-wide choices for LeNet/MNIST: K and dt are what the train-split sweep of
@@ -24,11 +22,5 @@ DEFAULTS = dict(
 )  # fmt: skip
 
 
-def main(argv):
-    del argv
-    common.main_single("mnist")
-
-
 if __name__ == "__main__":
-    common.define_flags(**DEFAULTS)
-    app.run(main)
+    common.main_single("mnist", DEFAULTS)

@@ -15,6 +15,7 @@ Writes <workdir>/<table>/summary.{json,md}, sweep.json, plots, and one result.js
 per row and seed; rerunning skips rows already done with the same config.
 """
 
+import dataclasses
 import pathlib
 import time
 
@@ -22,6 +23,7 @@ import jax
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common, mnist_lenet, presets
+from experiments.config import ExperimentConfig
 from tdu_jax import data, decay, plots, reference, result_files, summary
 from tdu_jax import forgetting_report as fr
 
@@ -31,7 +33,7 @@ flags.DEFINE_string("seeds", "0", "Comma list of seeds; results show mean +- std
 flags.DEFINE_bool("sweep", True, "Choose K and dt by the documented train-split sweep.")
 flags.DEFINE_string("forget_classes", None,
                     "Forget each of these classes alone (comma list, or 'all'); default: "
-                    "the table's --forget_class request.")
+                    "the table's --forget_class request.")  # fmt: skip
 FLAGS = flags.FLAGS
 
 TABLES = {
@@ -50,13 +52,13 @@ GOALS = {
 }  # fmt: skip
 
 
-def shares_importance(row_cfg: dict, cfg: dict) -> bool:
+def shares_importance(row_cfg: ExperimentConfig, cfg: ExperimentConfig) -> bool:
     keys = ("importance_data", "importance_fraction", "granularity", "include", "exclude",
             "include_bn", "importance_score", "selective_beta", "retain_sample_size")  # fmt: skip
     return (
-        row_cfg["selection"] == "topk"
-        and not row_cfg["reestimate"]
-        and all(row_cfg[k] == cfg[k] for k in keys)
+        row_cfg.selection == "topk"
+        and not row_cfg.reestimate
+        and all(getattr(row_cfg, k) == getattr(cfg, k) for k in keys)
     )
 
 
@@ -73,15 +75,16 @@ def forget_class_list(dataset: str, text: str | None, default: list[int]) -> lis
         raise ValueError(f"--forget_classes: {e} (or 'all')") from None
 
 
-def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int], list[list[int]]]:
+def table_configs(
+    name: str,
+) -> tuple[ExperimentConfig, dict[str, ExperimentConfig], list[int], list[list[int]]]:
     """The table's config, every row's config, the seeds and the forget requests, validated."""
     spec_t = TABLES[name]
     cfg = common.config_from_flags(spec_t["dataset"], spec_t["defaults"])
-    if cfg["row"] is not None:
+    if cfg.row is not None:
         raise ValueError("--preset does not apply to reproduce; use --rows")
-    cfg["workdir"] = str(pathlib.Path(FLAGS.workdir) / name)
-    if not FLAGS.sweep:
-        cfg["calibrate"] = False
+    cfg = dataclasses.replace(cfg, workdir=str(pathlib.Path(FLAGS.workdir) / name),
+                              calibrate=cfg.calibrate and FLAGS.sweep)  # fmt: skip
     rows = FLAGS.rows.split(",") if FLAGS.rows else list(presets.TABLES[name])
     for row in rows:
         if row not in presets.TABLES[name]:
@@ -90,44 +93,47 @@ def table_configs(name: str) -> tuple[dict, dict[str, dict], list[int], list[lis
         seeds = [int(s) for s in FLAGS.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
-    requests = forget_class_list(spec_t["dataset"], FLAGS.forget_classes, cfg["forget_class"])
+    requests = forget_class_list(spec_t["dataset"], FLAGS.forget_classes, cfg.forget_class)
     return cfg, {row: row_config(cfg, row, seeds[0], requests) for row in rows}, seeds, requests
 
 
-def row_config(cfg: dict, row: str, seed: int, requests: list[list[int]] | None = None) -> dict:
+def row_config(
+    cfg: ExperimentConfig, row: str, seed: int, requests: list[list[int]] | None = None
+) -> ExperimentConfig:
     """A row's config; with several forget requests the run name carries the class too."""
     name = f"{row}-seed{seed}"
     del requests  # the run name carries the class whenever --forget_classes is given
     if FLAGS.forget_classes:
-        classes = "+".join(data.class_names(cfg["dataset"])[c] for c in cfg["forget_class"])
+        classes = "+".join(data.class_names(cfg.dataset)[c] for c in cfg.forget_class)
         name = f"{row}-{classes}-seed{seed}"
     return common.validate_config(
-        {**common.apply_preset(cfg, row), "seed": seed, "row": row, "run_name": name}
+        dataclasses.replace(common.apply_preset(cfg, row), seed=seed, row=row, run_name=name)
     )
 
 
 def calibrate_request(cfg, sweep_row, model, params, bs, train_split, imp, spec) -> dict:
     """The table's sweep (its no-fine-tune row's lambda and T) for one request."""
     settings = common.apply_preset(cfg, sweep_row)
-    sweep = common.calibrate_decay({**cfg, "lam": settings["lam"],
-                                    "decay_steps": settings["decay_steps"]},
-                                   model, params, bs, train_split, imp, spec)  # fmt: skip
+    sweep = common.calibrate_decay(
+        dataclasses.replace(cfg, lam=settings.lam, decay_steps=settings.decay_steps),
+        model, params, bs, train_split, imp, spec,
+    )  # fmt: skip
     return {"row": sweep_row, **sweep}
 
 
-def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int],
+def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int],
               requests: list[list[int]]) -> dict:  # fmt: skip
     spec_t = TABLES[name]
-    table_dir = pathlib.Path(cfg["workdir"])
+    table_dir = pathlib.Path(cfg.workdir)
     sweep_allowed = FLAGS.sweep and not (FLAGS["top_k"].present or FLAGS["dt"].present)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     sweeps = {}
     for seed in seeds:
-        seed_cfg = {**cfg, "seed": seed}
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
         train_split, test_split, model, params, bs, base = common.prepare_base(seed_cfg)
         for classes in requests:
-            req = {**seed_cfg, "forget_class": classes}
-            req_name = "+".join(data.class_names(cfg["dataset"])[c] for c in classes)
+            req = dataclasses.replace(seed_cfg, forget_class=classes)
+            req_name = "+".join(data.class_names(cfg.dataset)[c] for c in classes)
             # The base model's accuracies split by this request's forget classes.
             base = {**base}
             base["acc"], base["per_class"] = common.accuracies(model, params, bs, req,
@@ -139,10 +145,10 @@ def run_table(name: str, cfg: dict, rows: list[str], seeds: list[int],
                 if sweep_allowed:
                     sweep = calibrate_request(req, spec_t["sweep_row"], model, params, bs,
                                               train_split, imp, spec)  # fmt: skip
-                    req.update(sweep["chosen"])
+                    req = dataclasses.replace(req, **sweep["chosen"])
                     sweeps[f"{req_name}-seed{seed}"] = sweep
                     result_files.write_json_atomic(table_dir / "sweep.json", sweeps)
-                k = decay.resolve_k(req["top_k"], spec.num_units)
+                k = decay.resolve_k(req.top_k, spec.num_units)
                 title = f"{name}: accuracy drop per unit ({req_name}, seed {seed})"
                 plot_path = table_dir / f"importance-{req_name}-seed{seed}.png"
                 plots.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
@@ -209,13 +215,13 @@ def main(argv):
         common.check_data(table[0])  # every table's data, before any training
     for name, (cfg, row_cfgs, seeds, requests) in tables.items():
         common.RESUME_NOTE["text"] = (
-            f"finished rows are kept in {cfg['workdir']} (summary and plots marked PARTIAL); "
+            f"finished rows are kept in {cfg.workdir} (summary and plots marked PARTIAL); "
             "rerun the same command to resume: finished rows are skipped and the base model "
             "and importance are reused."
         )
         run_table(name, cfg, list(row_cfgs), seeds, requests)
-        print((pathlib.Path(cfg["workdir"]) / "summary.md").read_text())
-        forgetting_md = pathlib.Path(cfg["workdir"]) / "forgetting.md"
+        print((pathlib.Path(cfg.workdir) / "summary.md").read_text())
+        forgetting_md = pathlib.Path(cfg.workdir) / "forgetting.md"
         if forgetting_md.exists():
             print(forgetting_md.read_text())
     logging.info("reproduce done in %.1f s on %s", time.perf_counter() - start, jax.devices()[0])

@@ -24,7 +24,7 @@ def main(argv):
     with common.bad_input():
         cfg = common.config_from_flags(FLAGS.dataset, defaults)
     _, _, _, _, _, base = common.prepare_base(cfg)
-    names = data.class_names(cfg["dataset"])
+    names = data.class_names(cfg.dataset)
     print(f"base model: {base['checkpoint']}")
     print(f"test accuracy: {base['acc']['test_acc']:.2f}%")
     for name, acc in zip(names, base["per_class"], strict=True):

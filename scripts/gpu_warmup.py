@@ -9,6 +9,7 @@ device against the naive loop. Takes the same flags as ``experiments.reproduce``
     python scripts/gpu_warmup.py --compute_dtype=bfloat16 --workdir=/tmp/warm --out=$OUT
 """
 
+import dataclasses
 import pathlib
 import sys
 import time
@@ -57,14 +58,14 @@ def main(argv):
     params, bs = models.init_variables(model, jax.random.key(0), data.image_shape("cifar10"))
     params, bs, _ = train.train(
         model, params, bs, train_split, dataset="cifar10", config=common.base_optimizer(cfg),
-        epochs=1, batch_size=cfg["train_batch_size"], key=jax.random.key(1),
-        augment=cfg["augment"], eval_split=test_split,
+        epochs=1, batch_size=cfg.train_batch_size, key=jax.random.key(1),
+        augment=cfg.augment, eval_split=test_split,
     )  # fmt: skip
     logging.info("warm: trained 1 epoch at %.0f s", time.perf_counter() - start)
     common.accuracies(model, params, bs, cfg, train_split, test_split)
-    spec = units.enumerate_units(params, "filter", include_bn=cfg["include_bn"])
+    spec = units.enumerate_units(params, "filter", include_bn=cfg.include_bn)
     first_chunks = np.concatenate(
-        [np.arange(x.offset, x.offset + min(x.num_units, cfg["unit_chunk"])) for x in spec.layers]
+        [np.arange(x.offset, x.offset + min(x.num_units, cfg.unit_chunk)) for x in spec.layers]
     )
     samples = {
         "forget": common.importance_sample(cfg, train_split),
@@ -76,15 +77,17 @@ def main(argv):
     for name, sample in samples.items():
         importance.ablation_importance(
             model, params, bs, data.to_float(sample.images, "cifar10"), sample.labels, spec,
-            units=first_chunks, unit_chunk=cfg["unit_chunk"], sample_batch=cfg["sample_batch"],
+            units=first_chunks, unit_chunk=cfg.unit_chunk, sample_batch=cfg.sample_batch,
         )  # fmt: skip
         logging.info("warm: importance %s (%d images) at %.0f s", name, sample.size,
                      time.perf_counter() - start)  # fmt: skip
-    _, retain = data.forget_retain(train_split, cfg["forget_class"])
-    ucfg = common.unlearn_config({**cfg, "finetune": "after_each", "finetune_batches": 2}, None)
+    _, retain = data.forget_retain(train_split, cfg.forget_class)
+    ucfg = common.unlearn_config(
+        dataclasses.replace(cfg, finetune="after_each", finetune_batches=2), None
+    )
     train.fine_tune(
         model, params, bs, retain, dataset="cifar10", config=ucfg.finetune_optimizer,
-        num_batches=2, batch_size=cfg["batch_size"], key=jax.random.key(2), augment=cfg["augment"],
+        num_batches=2, batch_size=cfg.batch_size, key=jax.random.key(2), augment=cfg.augment,
     )  # fmt: skip
     decay.decay(params, units.unit_mask(params, spec, first_chunks), 0.1, 1.0, 1)
     logging.info("warm: done at %.0f s", time.perf_counter() - start)

@@ -224,8 +224,8 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     assert (l4["config"]["top_k"], l4["config"]["dt"]) == (chosen["top_k"], chosen["dt"])
     silenced = [p for p in sweep["points"] if p["forget_train_acc"] <= 50]
     before = [{k: v for k, v in t.items() if not k.endswith("_after")} for t in calib["tried"]]
-    assert all(p in silenced for p in before) or before == [min(
-        sweep["points"], key=lambda p: (p["forget_train_acc"], -p["retain_train_acc"]))]
+    fallback = min(sweep["points"], key=lambda p: (p["forget_train_acc"], -p["retain_train_acc"]))
+    assert all(p in silenced for p in before) or before == [fallback]
     assert calib["confirmed"] == (chosen["forget_train_acc_after"] <= 50)
     # The calibration ran the row itself (same key and data), so the real run lands on the same
     # model: the same forget-train accuracy (on the whole forget split both times).
@@ -331,7 +331,7 @@ out = []
 for argv in json.loads(sys.argv[1]):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["prog", *argv])
-    out.append(common.config_from_flags("cifar10"))
+    out.append(common.config_from_flags("cifar10").as_record())
 print(json.dumps(out))
 """
 

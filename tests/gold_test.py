@@ -1,20 +1,22 @@
 """Tests of the retrained gold standard (experiments/gold.py) and the forgetting report."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from experiments import common, gold
+from experiments.config import ExperimentConfig
 from tdu_jax import data, forgetting_report, models, train
 
 
 def _cfg(tmp_path, forget=(3,)):
-    return {
-        "dataset": "mnist", "model": "lenet", "width": 1.0, "compute_dtype": "float32",
-        "seed": 0, "train_epochs": 1, "train_batch_size": 32, "train_optimizer": "adam",
-        "train_lr": 2e-3, "train_momentum": 0.9, "train_weight_decay": 0.0,
-        "train_schedule": "cosine", "train_label_smoothing": 0.0, "augment": False,
-        "max_train_examples": 0, "workdir": str(tmp_path), "forget_class": list(forget),
-    }  # fmt: skip
+    return ExperimentConfig(
+        dataset="mnist", model="lenet", seed=0, train_epochs=1, train_batch_size=32,
+        train_optimizer="adam", train_lr=2e-3, train_weight_decay=0.0, train_schedule="cosine",
+        augment=False, workdir=str(tmp_path), forget_class=forget, granularity="weight",
+        top_k=20, dt=0.25, finetune_lr=0.01,
+    )  # fmt: skip
 
 
 def _split(n=96, seed=0):
@@ -42,7 +44,7 @@ def test_retrained_model_never_sees_the_forget_class_and_is_reused(tmp_path, mon
     assert not info2["trained_now"] and len(seen) == 1
     np.testing.assert_array_equal(params["dense3"]["kernel"], again["dense3"]["kernel"])
     assert gold.retrain_dir(cfg) != gold.retrain_dir(_cfg(tmp_path, (4,)))
-    assert gold.retrain_dir(cfg) != gold.retrain_dir({**cfg, "seed": 1})
+    assert gold.retrain_dir(cfg) != gold.retrain_dir(dataclasses.replace(cfg, seed=1))
     assert common.base_config(cfg).items() <= gold.retrain_config(cfg).items()
 
 
