@@ -17,6 +17,8 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -501,51 +503,94 @@ class Progress:
             self._log(message)
 
 
-def get_base_model(cfg: ExperimentConfig, train_split: data.Split, test_split: data.Split):
-    """Trains the base model once, or restores it from its config-keyed checkpoint."""
-    base_cfg = base_config(cfg)
-    directory = (
-        pathlib.Path(cfg.workdir) / "base" / f"{cfg.model}-{checkpoint.config_key(base_cfg)}"
-    )
-    model = build_model(cfg)
-    if checkpoint.exists(directory) and not cfg.retrain_base:
-        logging.info("Reusing base model %s", directory)
+TRAIN_HISTORY = "train_history.json"  # beside a trained model: {"history", "seconds"}
+
+
+def train_or_restore(
+    directory: str | os.PathLike,
+    key_config: dict,
+    train_fn: Callable[[], tuple[Any, Any, list]],
+    *,
+    retrain: bool = False,
+    what: str = "base model",
+    anew: str | None = None,
+) -> tuple[Any, Any, dict]:
+    """Trains a model once into its config-keyed checkpoint directory, or restores it.
+
+    Args:
+      directory: the model's checkpoint directory (its name carries ``key_config``'s hash).
+      key_config: JSON-able dict of everything that determines the model; saved with it and
+        checked on restore (another config under the same hash is a ``UserError``).
+      train_fn: ``() -> (params, batch_stats, history)``, called only when nothing is saved
+        or ``retrain``; its wall time is the model's training seconds.
+      retrain: train anew even when a model is saved, and replace it.
+      what: the model's name in the log ("Reusing base model <directory>").
+      anew: how the user trains it anew, for the error on another config (default: delete
+        the directory).
+
+    Returns:
+      (params, batch_stats, info): info is {"checkpoint", "trained_now", "train_seconds",
+      "train_history"}; when restored, the last two come from the saved train_history.json
+      (None if it is missing). The model and its history are written atomically.
+    """
+    directory = pathlib.Path(directory)
+    if checkpoint.exists(directory) and not retrain:
+        logging.info("Reusing %s %s", what, directory)
         try:
-            params, batch_stats, _ = checkpoint.restore_model(directory, base_cfg)
+            params, batch_stats, _ = checkpoint.restore_model(directory, key_config)
         except ValueError as e:  # config.json of another config under this config's hash
             first = str(e).splitlines()[0]
-            raise UserError(f"{first} Pass --retrain_base to train and save it anew, or use "
-                            "another --workdir") from None  # fmt: skip
-        return model, params, batch_stats, {"checkpoint": str(directory), "trained_now": False}
-    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    params, batch_stats = models.init_variables(model, init_key, data.image_shape(cfg.dataset))
-    logging.info("Training base %s on %d images for %d epochs", cfg.model, train_split.size,
-                 cfg.train_epochs)  # fmt: skip
+            anew = anew or f"Delete {directory} to train it anew"
+            raise UserError(f"{first} {anew}, or use another --workdir") from None
+        path = directory / TRAIN_HISTORY
+        saved = result_files.read_json(path) if path.is_file() else {}
+        return params, batch_stats, {"checkpoint": str(directory), "trained_now": False,
+                                     "train_seconds": saved.get("seconds"),
+                                     "train_history": saved.get("history")}  # fmt: skip
     start = time.perf_counter()
-    params, batch_stats, history = train.train(
-        model, params, batch_stats, train_split, dataset=cfg.dataset,
-        config=base_optimizer(cfg), epochs=cfg.train_epochs,
-        batch_size=min(cfg.train_batch_size, train_split.size), key=train_key,
-        augment=cfg.augment, eval_split=test_split, progress=Progress("train base"),
-    )  # fmt: skip
+    params, batch_stats, history = train_fn()
     seconds = time.perf_counter() - start
-    for record in history:
-        logging.info("epoch %d: %s", record["epoch"], record)
-    checkpoint.save_model(directory, params, batch_stats, base_cfg,
-                          overwrite=cfg.retrain_base)  # fmt: skip
-    result_files.write_json_atomic(directory / "train_history.json", {"history": history,
-                             "seconds": seconds})  # fmt: skip
-    return (
-        model,
-        params,
-        batch_stats,
-        {
-            "checkpoint": str(directory),
-            "trained_now": True,
-            "train_seconds": seconds,
-            "train_history": history,
-        },
-    )
+    checkpoint.save_model(directory, params, batch_stats, key_config, overwrite=retrain)
+    result_files.write_json_atomic(directory / TRAIN_HISTORY,
+                                   {"history": history, "seconds": seconds})  # fmt: skip
+    return params, batch_stats, {"checkpoint": str(directory), "trained_now": True,
+                                 "train_seconds": seconds, "train_history": history}  # fmt: skip
+
+
+def get_base_model(cfg: ExperimentConfig, train_split: data.Split, test_split: data.Split):
+    """Trains the base model once, or restores it from its config-keyed checkpoint.
+
+    Returns:
+      (model, params, batch_stats, info): info is {"checkpoint", "trained_now"}, plus
+      "train_seconds" and "train_history" when trained now.
+    """
+    key_config = base_config(cfg)
+    name = f"{cfg.model}-{checkpoint.config_key(key_config)}"
+    model = build_model(cfg)
+
+    def train_base():
+        init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+        params, batch_stats = models.init_variables(model, init_key, data.image_shape(cfg.dataset))
+        logging.info("Training base %s on %d images for %d epochs", cfg.model, train_split.size,
+                     cfg.train_epochs)  # fmt: skip
+        params, batch_stats, history = train.train(
+            model, params, batch_stats, train_split, dataset=cfg.dataset,
+            config=base_optimizer(cfg), epochs=cfg.train_epochs,
+            batch_size=min(cfg.train_batch_size, train_split.size), key=train_key,
+            augment=cfg.augment, eval_split=test_split, progress=Progress("train base"),
+        )  # fmt: skip
+        for record in history:
+            logging.info("epoch %d: %s", record["epoch"], record)
+        return params, batch_stats, history
+
+    params, batch_stats, info = train_or_restore(
+        pathlib.Path(cfg.workdir) / "base" / name, key_config, train_base,
+        retrain=cfg.retrain_base, what="base model",
+        anew="Pass --retrain_base to train and save it anew",
+    )  # fmt: skip
+    if not info["trained_now"]:  # a reused base model's info names only its checkpoint
+        info = {k: info[k] for k in ("checkpoint", "trained_now")}
+    return model, params, batch_stats, info
 
 
 def importance_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:

@@ -14,7 +14,6 @@ not is weak for that dataset, and the summary says so.
 """
 
 import pathlib
-import time
 
 import jax
 import numpy as np
@@ -60,29 +59,22 @@ def get_retrained_model(cfg: ExperimentConfig, model, train_split: data.Split):
     Returns:
       (params, batch_stats, {"checkpoint", "trained_now", "train_seconds"}).
     """
-    directory, rcfg = retrain_dir(cfg), retrain_config(cfg)
-    if checkpoint.exists(directory):
-        params, batch_stats, _ = checkpoint.restore_model(directory, rcfg)
-        seconds = result_files.read_json(directory / "train_history.json")["seconds"]
-        logging.info("Reusing retrained model %s", directory)
-        return params, batch_stats, {"checkpoint": str(directory), "trained_now": False,
-                                     "train_seconds": seconds}  # fmt: skip
-    _, retain = data.forget_retain(train_split, cfg.forget_class)
-    logging.info("Retraining %s without classes %s on %d images for %d epochs", cfg.model,
-                 list(cfg.forget_class), retain.size, cfg.train_epochs)  # fmt: skip
-    start = time.perf_counter()
-    params, batch_stats, history = unlearn.retrain_from_scratch(
-        model, retain, dataset=cfg.dataset, config=common.base_optimizer(cfg),
-        epochs=cfg.train_epochs, batch_size=min(cfg.train_batch_size, retain.size),
-        key=jax.random.key(cfg.seed), augment=cfg.augment,
-        progress=common.Progress("retrain", 10.0),
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    checkpoint.save_model(directory, params, batch_stats, rcfg, overwrite=False)
-    result_files.write_json_atomic(directory / "train_history.json",
-                             {"history": history, "seconds": seconds})  # fmt: skip
-    return params, batch_stats, {"checkpoint": str(directory), "trained_now": True,
-                                 "train_seconds": seconds}  # fmt: skip
+
+    def retrain():
+        _, retain = data.forget_retain(train_split, cfg.forget_class)
+        logging.info("Retraining %s without classes %s on %d images for %d epochs", cfg.model,
+                     list(cfg.forget_class), retain.size, cfg.train_epochs)  # fmt: skip
+        return unlearn.retrain_from_scratch(
+            model, retain, dataset=cfg.dataset, config=common.base_optimizer(cfg),
+            epochs=cfg.train_epochs, batch_size=min(cfg.train_batch_size, retain.size),
+            key=jax.random.key(cfg.seed), augment=cfg.augment,
+            progress=common.Progress("retrain", 10.0),
+        )  # fmt: skip
+
+    params, batch_stats, info = common.train_or_restore(
+        retrain_dir(cfg), retrain_config(cfg), retrain, what="retrained model"
+    )
+    return params, batch_stats, {k: info[k] for k in ("checkpoint", "trained_now", "train_seconds")}
 
 
 def metrics_key(cfg: ExperimentConfig) -> jax.Array:

@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from experiments import cifar_ship, common, presets
@@ -499,6 +500,33 @@ def test_ctrl_c_is_one_line_and_resumable(mnist_run, tfds_dir):
     last = rest.strip().splitlines()[-1]
     assert last.startswith("mnist_lenet: interrupted; rerun the same command to resume"), last
     assert not (mnist_run["workdir"] / "interrupted" / "result.json").exists()
+
+
+def test_train_or_restore_trains_once_then_restores(tmp_path):
+    calls = []
+
+    def train_fn():
+        calls.append(1)
+        return {"w": np.full((2, 3), float(len(calls)), np.float32)}, {}, [{"epoch": 1}]
+
+    directory, key = tmp_path / "base" / "m-1", {"seed": 0}
+    params, _, info = common.train_or_restore(directory, key, train_fn)
+    assert info["trained_now"] and info["train_seconds"] >= 0 and len(calls) == 1
+    assert info["train_history"] == [{"epoch": 1}] and info["checkpoint"] == str(directory)
+    saved = json.loads((directory / "train_history.json").read_text())
+    assert saved == {"history": [{"epoch": 1}], "seconds": info["train_seconds"]}
+    # Restored, not trained: same parameters; seconds and history from train_history.json.
+    again, _, info2 = common.train_or_restore(directory, key, train_fn, what="retrained model")
+    assert len(calls) == 1 and not info2["trained_now"]
+    assert info2["train_seconds"] == info["train_seconds"]
+    np.testing.assert_array_equal(again["w"], params["w"])
+    # Another config saved under this directory: one line naming the fix.
+    with pytest.raises(common.UserError, match="different config.*another --workdir"):
+        common.train_or_restore(directory, {"seed": 1}, train_fn, anew="Pass --retrain_base")
+    # retrain: trained anew and replaced.
+    new, _, info3 = common.train_or_restore(directory, key, train_fn, retrain=True)
+    assert info3["trained_now"] and len(calls) == 2 and float(new["w"][0, 0]) == 2.0
+    assert float(common.train_or_restore(directory, key, train_fn)[0]["w"][0, 0]) == 2.0
 
 
 def test_progress_eta_excludes_first_chunk_and_heartbeat():
