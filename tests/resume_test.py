@@ -3,17 +3,20 @@
 import pytest
 
 from experiments import common
+from experiments.config import ExperimentConfig
 from tdu_jax import result_files
 
 
-def _config(tmp_path, **changes) -> dict:
-    cfg = {"workdir": str(tmp_path), "run_name": "L3-0-seed0", "row": "L3", "seed": 0,
-           "calibrate": True, "top_k": 3000, "dt": 0.25, "lam": 0.1, "overwrite": False,
-           "retrain_base": False, "min_base_acc": -1.0}  # fmt: skip
-    return {**cfg, **changes}
+def _config(tmp_path, **changes) -> ExperimentConfig:
+    cfg = dict(dataset="mnist", forget_class=(0,), model="lenet", granularity="weight",
+               finetune_lr=0.01, train_epochs=8, train_optimizer="adam", train_lr=2e-3,
+               train_weight_decay=0.0, train_schedule="cosine", augment=False,
+               workdir=str(tmp_path), run_name="L3-0-seed0", row="L3", seed=0, calibrate=True,
+               top_k=3000, dt=0.25, lam=0.1)  # fmt: skip
+    return ExperimentConfig(**{**cfg, **changes})
 
 
-def _save(tmp_path, cfg: dict) -> None:
+def _save(tmp_path, cfg: ExperimentConfig) -> None:
     path = common.run_dir(cfg) / "result.json"
     path.parent.mkdir(parents=True)
     result_files.write_json_atomic(path, {"config": common._public(cfg), "final": {"x": 1}})
