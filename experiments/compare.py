@@ -62,7 +62,7 @@ def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
             unlearn=ucfg, importance_fraction=cfg.importance_fraction,
             retain_sample_size=cfg.retain_sample_size, calibrate=cfg.calibrate,
             sweep_top_k=cfg.sweep_top_k, sweep_dt=cfg.sweep_dt,
-            sweep_forget_max=cfg.sweep_forget_max),
+            sweep_forget_max=cfg.sweep_forget_max, calibrate_finetune=cfg.calibrate_finetune),
         "ft": finetune.FTConfig(batch_size=batch, augment=aug),
         "ga": finetune.GAConfig(batch_size=batch, augment=aug),
         "neggrad_plus": finetune.NegGradPlusConfig(batch_size=batch, augment=aug),

@@ -9,10 +9,13 @@ Per seed: one base model (trained once, reused from its checkpoint), one importa
 sweep on the forget-class training data shared by every row that uses it, then a
 small sweep of the open hyper-parameters (K and dt) on the *training* split with the
 table's no-fine-tune row (L1 / C1), chosen by a fixed rule: the highest retain-train
-accuracy with forget-train accuracy <= 5% (else the lowest forget-train accuracy).
-Every row then uses those values and differs only in what the reference varies.
-Writes <workdir>/<table>/summary.{json,md}, sweep.json, plots, and one result.json
-per row and seed; rerunning skips rows already done with the same config.
+accuracy with forget-train accuracy <= --sweep_forget_max (LeNet 1%, CIFAR 5%; else the
+lowest forget-train accuracy). Rows without fine-tuning use that point; a row that
+fine-tunes checks the sweep's points through its own fine-tuning and keeps the least
+damaging one that stays under the ceiling (--calibrate_finetune, tdu_jax.calibrate).
+Writes <workdir>/<table>/summary.{json,md}, sweep.json, plots (tradeoff-*.png: the
+trade-off before and after fine-tuning), and one result.json per row and seed; rerunning
+skips rows already done with the same config.
 """
 
 import dataclasses
@@ -166,8 +169,29 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
                                             calibration=sweep)  # fmt: skip
                 per_row[row].append(result)
                 write_summary(name, table_dir, per_row, partial=True)
+            if sweep is not None:
+                path = table_dir / f"tradeoff-{req_name}-seed{seed}.png"
+                title = f"{name}: forget {req_name}, seed {seed} (training split)"
+                plot_tradeoff(sweep, [per_row[r][-1] for r in rows], path, title)
     write_summary(name, table_dir, per_row, partial=False)
     return {"rows": per_row, "sweeps": sweeps}
+
+
+def plot_tradeoff(sweep: dict, results: list[dict], path: pathlib.Path, title: str) -> None:
+    """Forget-retain trade-off on the training split: the sweep's points before fine-tuning,
+    and for each row that checked points through its fine-tuning, those points after it
+    (stars: the points the rules chose)."""
+    point = lambda p, after="": (p["forget_train_acc" + after], p["retain_train_acc" + after])
+    curves = {"decay only (sweep)": [point(p) for p in sweep["points"]]}
+    chosen = {"decay only (sweep)": point(sweep["chosen_point"])}
+    for result in results:
+        tried = (result.get("calibration") or {}).get("tried")
+        if tried:
+            label = f"{result['row']}: after its fine-tuning"
+            curves[label] = [point(p, "_after") for p in tried]
+            chosen[label] = point(result["calibration"]["chosen_point"], "_after")
+    plots.plot_tradeoff(curves, path, title=title, chosen=chosen,
+                        forget_max=sweep["forget_max"])  # fmt: skip
 
 
 def aggregate(results: list[dict]) -> dict:

@@ -232,6 +232,7 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     # model: the same forget-train accuracy (on the whole forget split both times).
     assert l4["final"]["forget_train_acc"] == pytest.approx(chosen["forget_train_acc_after"])
     assert "checking K=" in output
+    assert (table_dir / "tradeoff-0-seed0.png").read_bytes()[:8] == PNG_MAGIC
     markdown = (table_dir / "summary.md").read_text()
     for text in ("L1", "L4", "2.96", "2.35"):
         assert text in markdown, text
