@@ -27,13 +27,17 @@ from absl import app, flags, logging
 
 from experiments import cifar_ship, common, mnist_lenet, presets
 from experiments.config import ExperimentConfig
-from tdu_jax import data, decay, plots, reference, result_files, summary
+from tdu_jax import calibrate, data, decay, plots, reference, result_files, summary
 from tdu_jax import forgetting_report as fr
 
 flags.DEFINE_enum("table", "lenet", ["lenet", "cifar", "all"], "Which reference table.")
 flags.DEFINE_string("rows", None, "Comma list of row ids (default: the whole table).")
 flags.DEFINE_string("seeds", "0", "Comma list of seeds; results show mean +- std.")
 flags.DEFINE_bool("sweep", True, "Choose K and dt by the documented train-split sweep.")
+flags.DEFINE_bool("summarize_only", False,
+                  "Compute nothing: rebuild summaries and plots from the finished result.json "
+                  "files of the requested rows, seeds and classes (e.g. after runs split "
+                  "across processes); missing ones mark the summary PARTIAL.")  # fmt: skip
 flags.DEFINE_string("forget_classes", None,
                     "Forget each of these classes alone (comma list, or 'all'); default: "
                     "the table's --forget_class request.")  # fmt: skip
@@ -183,7 +187,7 @@ def plot_tradeoff(sweep: dict, results: list[dict], path: pathlib.Path, title: s
     (stars: the points the rules chose)."""
     point = lambda p, after="": (p["forget_train_acc" + after], p["retain_train_acc" + after])
     curves = {"decay only (sweep)": [point(p) for p in sweep["points"]]}
-    chosen = {"decay only (sweep)": point(sweep["chosen_point"])}
+    chosen = {"decay only (sweep)": point(calibrate.choose(sweep["points"], sweep["forget_max"]))}
     for result in results:
         tried = (result.get("calibration") or {}).get("tried")
         if tried:
@@ -192,6 +196,31 @@ def plot_tradeoff(sweep: dict, results: list[dict], path: pathlib.Path, title: s
             chosen[label] = point(result["calibration"]["chosen_point"], "_after")
     plots.plot_tradeoff(curves, path, title=title, chosen=chosen,
                         forget_max=sweep["forget_max"])  # fmt: skip
+
+
+def summarize_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int],
+                    requests: list[list[int]]) -> None:  # fmt: skip
+    """``--summarize_only``: summaries and plots from the finished rows found on disk."""
+    table_dir = pathlib.Path(cfg.workdir)
+    per_row: dict[str, list[dict]] = {r: [] for r in rows}
+    missing = 0
+    for seed in seeds:
+        for classes in requests:
+            req = dataclasses.replace(cfg, seed=seed, forget_class=classes)
+            found = [common.existing_result(row_config(req, r, seed, requests)) for r in rows]
+            missing += sum(r is None for r in found)
+            for row, result in zip(rows, found, strict=True):
+                if result is not None:
+                    per_row[row].append(result)
+            done = [r for r in found if r is not None and (r.get("calibration") or {})]
+            if done:
+                req_name = "+".join(data.class_names(cfg.dataset)[c] for c in classes)
+                path = table_dir / f"tradeoff-{req_name}-seed{seed}.png"
+                title = f"{name}: forget {req_name}, seed {seed} (training split)"
+                plot_tradeoff(done[0]["calibration"], done, path, title)
+    logging.info("Summarizing %d finished rows (%d missing)",
+                 sum(map(len, per_row.values())), missing)  # fmt: skip
+    write_summary(name, table_dir, {r: v for r, v in per_row.items() if v}, partial=missing > 0)
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -236,14 +265,18 @@ def main(argv):
     with common.bad_input():  # every table's settings are checked before any training
         tables = {name: table_configs(name) for name in names}
     for table in tables.values():
-        common.check_data(table[0])  # every table's data, before any training
+        if not FLAGS.summarize_only:
+            common.check_data(table[0])  # every table's data, before any training
     for name, (cfg, row_cfgs, seeds, requests) in tables.items():
         common.RESUME_NOTE["text"] = (
             f"finished rows are kept in {cfg.workdir} (summary and plots marked PARTIAL); "
             "rerun the same command to resume: finished rows are skipped and the base model "
             "and importance are reused."
         )
-        run_table(name, cfg, list(row_cfgs), seeds, requests)
+        if FLAGS.summarize_only:
+            summarize_table(name, cfg, list(row_cfgs), seeds, requests)
+        else:
+            run_table(name, cfg, list(row_cfgs), seeds, requests)
         print((pathlib.Path(cfg.workdir) / "summary.md").read_text())
         forgetting_md = pathlib.Path(cfg.workdir) / "forgetting.md"
         if forgetting_md.exists():

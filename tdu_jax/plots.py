@@ -215,7 +215,8 @@ def plot_tradeoff(
             ax.scatter(*chosen[label], marker="*", s=160, color=color, edgecolor="black")
     if forget_max is not None:
         ax.axvline(forget_max, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("forget accuracy (%)")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear in [0, 1]%, where the goals are
+    ax.set_xlabel("forget accuracy (%, linear below 1, log above)")
     ax.set_ylabel("retain accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -247,6 +247,14 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
         assert f"Skipping row {row}, forget 0, seed 0: finished in" in output
     assert "Reusing base model" in output and "Importance of" not in output
 
+    # --summarize_only rebuilds the summary from the files alone; a missing seed is PARTIAL.
+    (table_dir / "summary.md").unlink()
+    proc, output, _ = _run("reproduce", [*args, "--summarize_only", "--seeds=0,1"], tfds_dir)
+    _check_ok(proc, output)
+    assert "Reusing base model" not in output
+    assert "Summarizing 2 finished rows (2 missing)" in output
+    assert "PARTIAL" in (table_dir / "summary.md").read_text()
+
 
 def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
     tiny = [a for a in MNIST_TINY if not a.startswith("--top_k")]
