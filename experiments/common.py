@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -307,6 +307,27 @@ def _num_units(dataset, model, width, dtype, granularity, include, exclude, incl
         lambda k: models.init_variables(module, k, data.image_shape(dataset)), jax.random.key(0)
     )
     return units.enumerate_units(shapes[0], granularity, include, exclude, include_bn).num_units
+
+
+def forget_class_list(dataset: str, text: str | None, default: Sequence[int]) -> list[list[int]]:
+    """``--forget_classes``: None -> the table's request; "all" -> each class alone; else a
+    comma list of classes, each forgotten alone."""
+    if text is None:
+        return [list(default)]
+    if text == "all":
+        return [[c] for c in range(data.num_classes(dataset))]
+    try:
+        return [[c] for c in data.parse_classes(dataset, text)]
+    except ValueError as e:
+        raise ValueError(f"--forget_classes: {e} (or 'all')") from None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a comma list of integers."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers; got {text!r}") from None
 
 
 def check_units(cfg: ExperimentConfig) -> None:

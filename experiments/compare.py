@@ -223,20 +223,8 @@ def parse_args(cfg: ExperimentConfig) -> tuple[list[str], list[list[int]], list[
     for name in names:
         if name not in methods.METHODS:
             raise ValueError(f"--methods: {name!r} is not one of {', '.join(methods.METHODS)}")
-    text = FLAGS.forget_classes
-    if text is None:
-        requests = [list(cfg.forget_class)]
-    elif text == "all":
-        requests = [[c] for c in range(data.num_classes(cfg.dataset))]
-    else:
-        try:
-            requests = [[c] for c in data.parse_classes(cfg.dataset, text)]
-        except ValueError as e:
-            raise ValueError(f"--forget_classes: {e} (or 'all')") from None
-    try:
-        seeds = [int(s) for s in FLAGS.seeds.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
+    requests = common.forget_class_list(cfg.dataset, FLAGS.forget_classes, cfg.forget_class)
+    seeds = common.parse_seeds(FLAGS.seeds)
     return names, requests, seeds
 
 

@@ -69,19 +69,6 @@ def shares_importance(row_cfg: ExperimentConfig, cfg: ExperimentConfig) -> bool:
     )
 
 
-def forget_class_list(dataset: str, text: str | None, default: list[int]) -> list[list[int]]:
-    """``--forget_classes``: None -> the table's request; "all" -> each class alone; else a
-    comma list of classes, each forgotten alone."""
-    if text is None:
-        return [list(default)]
-    if text == "all":
-        return [[c] for c in range(data.num_classes(dataset))]
-    try:
-        return [[c] for c in data.parse_classes(dataset, text)]
-    except ValueError as e:
-        raise ValueError(f"--forget_classes: {e} (or 'all')") from None
-
-
 def table_configs(
     name: str,
 ) -> tuple[ExperimentConfig, dict[str, ExperimentConfig], list[int], list[list[int]]]:
@@ -96,11 +83,8 @@ def table_configs(
     for row in rows:
         if row not in presets.TABLES[name]:
             raise ValueError(f"--rows: {row!r} is not in table {name} ({presets.TABLES[name]})")
-    try:
-        seeds = [int(s) for s in FLAGS.seeds.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds must be a comma list of integers; got {FLAGS.seeds!r}") from None
-    requests = forget_class_list(spec_t["dataset"], FLAGS.forget_classes, cfg.forget_class)
+    seeds = common.parse_seeds(FLAGS.seeds)
+    requests = common.forget_class_list(spec_t["dataset"], FLAGS.forget_classes, cfg.forget_class)
     return cfg, {row: row_config(cfg, row, seeds[0], requests) for row in rows}, seeds, requests
 
 

@@ -606,3 +606,20 @@ def test_compare_runs_methods_against_retrained_and_skips_finished_cells(tfds_di
     proc, output, _ = _run("compare", args, tfds_dir)
     _check_ok(proc, output)
     assert output.count("Skipping finished cell") == 3
+
+
+@pytest.mark.slow
+def test_tradeoff_compares_scores_on_the_training_split(tfds_dir, tmp_path):
+    tiny = [a for a in MNIST_TINY if not a.startswith("--top_k")]
+    args = [f"--workdir={tmp_path}", "--forget_classes=3", "--sweep_top_k=10,400",
+            "--sweep_dt=0.5,5", *tiny]  # fmt: skip
+    proc, output, _ = _run("tradeoff", args, tfds_dir)
+    _check_ok(proc, output)
+    sweeps = _read(tmp_path / "tradeoff" / "tradeoff.json")["3-seed0"]
+    assert sorted(sweeps) == ["forget", "selective"]
+    for sweep in sweeps.values():
+        assert len(sweep["points"]) == 4  # 2 K x 2 dt
+        assert sweep["lambda"] == 0.1 and sweep["decay_steps"] == 2  # L1's lambda; --decay_steps
+    assert (tmp_path / "tradeoff" / "tradeoff-3-seed0.png").read_bytes()[:8] == PNG_MAGIC
+    bad = _run("tradeoff", [*args, "--scores=forget,bogus"], tfds_dir)[0]
+    assert bad.returncode != 0 and "--scores: 'bogus'" in bad.stdout + bad.stderr
