@@ -216,6 +216,7 @@ def plot_tradeoff(
     if forget_max is not None:
         ax.axvline(forget_max, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("symlog", linthresh=1.0)  # linear in [0, 1]%, where the goals are
+    ax.set_xlim(left=0.0)
     ax.set_xlabel("forget accuracy (%, linear below 1, log above)")
     ax.set_ylabel("retain accuracy (%)")
     ax.set_title(title, fontsize=9)
