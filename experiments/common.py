@@ -796,32 +796,23 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     _, retain_train = data.forget_retain(train_split, cfg.forget_class)
     sample = importance_sample(cfg, train_split)
     importance_seconds = 0.0  # spent here computing (or loading) importance, before unlearn
-    if not cfg.calibrate:
-        calibration = None
-    elif calibration is None and cfg.decay_steps > 0:
-        spec = unit_spec(cfg, params)
-        if precomputed is None:
-            importance_start = time.perf_counter()
-            precomputed = compute_importance(cfg, model, params, batch_stats, train_split, spec)
-            importance_seconds = time.perf_counter() - importance_start
-        calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
-                                      precomputed, spec)  # fmt: skip
-    if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
-        if precomputed is None and cfg.selection == "topk" and not cfg.reestimate:
-            importance_start = time.perf_counter()
-            precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
-                                             unit_spec(cfg, params))  # fmt: skip
-            importance_seconds = time.perf_counter() - importance_start
-        calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
-                                          calibration, precomputed)  # fmt: skip
-    if calibration is not None:
-        cfg = dataclasses.replace(cfg, **calibration["chosen"])
-    if precomputed is None and cfg.selection == "topk" and not cfg.reestimate:
+    sweep_here = cfg.calibrate and calibration is None and cfg.decay_steps > 0
+    if precomputed is None and (sweep_here or (cfg.selection == "topk" and not cfg.reestimate)):
         # Through the workdir's importance cache: a rerun or resumed run reuses the scores.
         importance_start = time.perf_counter()
         precomputed = compute_importance(cfg, model, params, batch_stats, train_split,
                                          unit_spec(cfg, params))  # fmt: skip
         importance_seconds = time.perf_counter() - importance_start
+    if not cfg.calibrate:
+        calibration = None
+    elif sweep_here:
+        calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
+                                      precomputed, unit_spec(cfg, params))  # fmt: skip
+    if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
+        calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
+                                          calibration, precomputed)  # fmt: skip
+    if calibration is not None:
+        cfg = dataclasses.replace(cfg, **calibration["chosen"])
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 
