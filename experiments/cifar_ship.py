@@ -18,7 +18,7 @@ DEFAULTS = dict(
     granularity="filter", include=None, finetune_lr=0.01, train_epochs=20,
     train_optimizer="sgd", train_lr=0.1, train_weight_decay=5e-4, train_schedule="onecycle",
     augment=True, unit_chunk=32,
-    sweep_top_k="0.01,0.02,0.05,0.1", sweep_dt="1,2,5,10", calibrate=True,
+    sweep_top_k="0.01,0.02,0.05,0.1", sweep_dt="1,2,5,10", sweep_search_steps=6, calibrate=True,
 )  # fmt: skip
 
 

@@ -150,6 +150,9 @@ def define_flags(**defaults) -> None:
                         "Comma list of dt values the calibration sweep tries.")
     flags.DEFINE_float("sweep_forget_max", d("sweep_forget_max"),
                        "Calibration rule: forget-train accuracy ceiling in percent.")
+    flags.DEFINE_integer("sweep_search_steps", d("sweep_search_steps"),
+                         "Per K, halvings of the search for the gentlest dt that still brings "
+                         "forget-train accuracy under --sweep_forget_max (0: the grid only).")
     flags.DEFINE_bool("calibrate_finetune", d("calibrate_finetune"),
                       "With --calibrate on a row that fine-tunes: keep the least damaging "
                       "sweep point whose forget-train accuracy stays under --sweep_forget_max "
@@ -258,6 +261,8 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
     for dt in cfg.sweep_dt:
         if not dt > 0:
             raise ValueError(f"--sweep_dt values must be > 0; got {dt}")
+    if cfg.sweep_search_steps < 0:
+        raise ValueError(f"--sweep_search_steps must be >= 0; got {cfg.sweep_search_steps}")
     for name in ("batch_size", "train_batch_size", "unit_chunk", "sample_batch",
                  "retain_sample_size"):  # fmt: skip
         if getattr(cfg, name) < 1:
@@ -682,6 +687,7 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> 
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
         spec=spec, top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, lam=cfg.lam,
         decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
+        search_steps=cfg.sweep_search_steps,
     )  # fmt: skip
     logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])
     return sweep

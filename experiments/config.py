@@ -75,6 +75,7 @@ class ExperimentConfig:
     sweep_top_k: tuple[int | float, ...] = (300, 1000, 3000)  # K values tried
     sweep_dt: tuple[float, ...] = (0.25, 0.5, 1.0)  # dt values tried
     sweep_forget_max: float = 5.0  # forget-train accuracy ceiling, percent
+    sweep_search_steps: int = 0  # per K, halvings of the gentlest-silencing Δt search
     calibrate_finetune: bool = True  # confirm through the row's own fine-tuning
     # Reporting.
     evaluate_each_step: bool = True  # evaluate on test after every decay step

@@ -18,7 +18,8 @@ DEFAULTS = dict(
     granularity="weight", include=None, finetune_lr=0.01, train_epochs=8,
     train_optimizer="adam", train_lr=2e-3, train_weight_decay=0.0, train_schedule="cosine",
     augment=False, unit_chunk=256, sample_batch=128,  # importance peak < 1 GB (benchmarks/)
-    sweep_top_k="300,1000,3000", sweep_dt="0.25,0.5,1,2", calibrate=True, sweep_forget_max=1.0,
+    sweep_top_k="300,1000,3000,10000,30000", sweep_dt="0.25,0.5,1,2", sweep_search_steps=6,
+    calibrate=True, sweep_forget_max=1.0,
 )  # fmt: skip
 
 

@@ -10,6 +10,14 @@ only and picks one by a fixed rule:
 
 Test data is never looked at, so the choice can be made for every class and seed.
 
+A grid point that silences the class often overshoots: the next gentler Δt on the grid
+does not silence it, and the one chosen costs retain accuracy the class did not require.
+With ``search_steps > 0`` the sweep therefore also finds, for every K, the gentlest Δt
+that still reaches the ceiling (``search_dt``: geometric bisection between the grid's last
+failing and first silencing Δt, ``search_steps`` halvings; when the grid's smallest Δt already
+silences, the bracket reaches down to min Δt / SEARCH_BELOW, and when none does, up to
+max Δt * SEARCH_ABOVE). These points join the grid's and the rule picks among all of them.
+
 A decay that only just silences the class is undone by fine-tuning on the retained classes
 (the weights keep most of their size and retain gradients pull them back). When the run
 fine-tunes, ``confirm_after_finetune`` therefore checks the sweep's points through the run
@@ -25,6 +33,7 @@ The search bisects that order (forget accuracy after fine-tuning falls as the da
 so it costs at most 1 + ceil(log2(candidates)) runs of the row (decay plus its fine-tuning).
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +43,8 @@ from tdu_jax import data, decay, metrics, units
 from tdu_jax.importance import Importance
 
 PyTree = Any
+SEARCH_BELOW = 16.0  # the Δt search reaches down to min(grid Δt) / SEARCH_BELOW
+SEARCH_ABOVE = 4.0  # ... and up to max(grid Δt) * SEARCH_ABOVE
 # (top_k, dt) -> (params, batch_stats) after the run's decay steps and fine-tuning.
 RunFn = Callable[[int | float, float], tuple[PyTree, PyTree]]
 
@@ -63,8 +74,10 @@ def sweep_decay(
     lam: float,
     decay_steps: int,
     forget_max: float = 5.0,
+    search_steps: int = 0,
 ) -> dict:
-    """Scores every (K, Δt) of the grid with ``decay_steps`` steps of rate ``lam``.
+    """Scores every (K, Δt) of the grid with ``decay_steps`` steps of rate ``lam``, and with
+    ``search_steps > 0`` each K's gentlest silencing Δt (``search_dt``).
 
     Args:
       model, params, batch_stats: the trained model.
@@ -78,23 +91,33 @@ def sweep_decay(
       lam: decay rate λ.
       decay_steps: T.
       forget_max: the rule's forget-train ceiling in %.
+      search_steps: halvings of each K's Δt search (0: the grid only).
 
     Returns:
-      {"points": [{"top_k", "dt", "units", "forget_train_acc", "retain_train_acc"}],
-       "chosen": {"top_k", "dt"}, "rule": text, "lambda", "decay_steps"}.
+      {"points": [{"top_k", "dt", "units", "forget_train_acc", "retain_train_acc",
+       "search"}], "chosen": {"top_k", "dt"}, "rule": text, "lambda", "decay_steps"};
+      ``search`` is True for the Δt search's points (they follow their K's grid points).
     """
     if not top_ks or not dts:
         raise ValueError("the sweep grid needs at least one K and one dt")
+    if search_steps < 0:
+        raise ValueError(f"search_steps must be >= 0; got {search_steps}")
     decay.check_decay_args(lam, min(dts), decay_steps)
     points = []
     for k in top_ks:
         selected = decay.select_top_k(imp, k)
         mask = units.unit_mask(params, spec, selected)
-        for dt in dts:
+
+        def score(dt: float) -> dict:
             decayed = decay.decay(params, mask, lam, dt, decay_steps)
-            accs = train_accuracies(model, decayed, batch_stats, dataset, forget_train,
+            return train_accuracies(model, decayed, batch_stats, dataset, forget_train,
                                     retain_train)  # fmt: skip
-            points.append({"top_k": k, "dt": float(dt), "units": int(selected.size), **accs})
+
+        grid = {float(dt): score(dt) for dt in dts}
+        found = search_dt(score, grid, forget_max, search_steps) if search_steps else {}
+        for dt, accs in [*grid.items(), *found.items()]:
+            points.append({"top_k": k, "dt": dt, "units": int(selected.size), **accs,
+                           "search": dt in found})  # fmt: skip
     best = choose(points, forget_max)
     return {
         "points": points,
@@ -105,6 +128,48 @@ def sweep_decay(
         "forget_max": forget_max,
         "chosen_point": dict(best),
     }
+
+
+def search_dt(
+    score: Callable[[float], dict], grid: dict[float, dict], forget_max: float, steps: int
+) -> dict[float, dict]:
+    """The gentlest Δt whose forget-train accuracy is <= ``forget_max`` (%), for one K.
+
+    Args:
+      score: Δt -> {"forget_train_acc", "retain_train_acc"} after the decay with that Δt.
+      grid: the grid's Δt -> score (already evaluated).
+      forget_max: the ceiling in %.
+      steps: geometric halvings of the bracket [largest failing Δt below the smallest
+        silencing one, that silencing Δt]; Δt values are kept to 4 significant digits.
+
+    Returns:
+      The Δt values evaluated here (not in ``grid``) -> their scores; empty when no Δt up to
+      max(grid) * SEARCH_ABOVE silences the class.
+    """
+    tried = dict(grid)
+
+    def silences(dt: float) -> bool:
+        if dt not in tried:
+            tried[dt] = score(dt)
+        return tried[dt]["forget_train_acc"] <= forget_max
+
+    if not any(silences(dt) for dt in grid) and not silences(max(grid) * SEARCH_ABOVE):
+        return {dt: a for dt, a in tried.items() if dt not in grid}
+    hi = min(dt for dt in tried if silences(dt))
+    if hi == min(tried):  # the grid's gentlest Δt silences already: look below the grid
+        silences(min(grid) / SEARCH_BELOW)
+    failing = [dt for dt in tried if dt < hi and not silences(dt)]
+    if failing:
+        lo = max(failing)
+        for _ in range(steps):
+            mid = float(f"{math.sqrt(lo * hi):.4g}")
+            if not lo < mid < hi:
+                break
+            if silences(mid):
+                hi = mid
+            else:
+                lo = mid
+    return {dt: a for dt, a in tried.items() if dt not in grid}
 
 
 def train_accuracies(model, params, batch_stats, dataset, forget_train, retain_train) -> dict:

@@ -152,3 +152,85 @@ def test_choose_after_finetune_with_nothing_silenced_tries_the_strongest_point()
     )
     assert out["chosen"]["top_k"] == 20 and out["confirmed"]
     assert len(out["tried"]) == 1
+
+
+def _exp_score(calls: list):
+    """forget-train accuracy 100 * exp(-dt) (falls with dt), retain 100 - dt."""
+
+    def score(dt):
+        calls.append(dt)
+        return {"forget_train_acc": 100 * np.exp(-dt), "retain_train_acc": 100 - dt}
+
+    return score
+
+
+def _naive_gentlest(score, lo, hi, forget_max, n=20001):
+    """Independent reference: the smallest dt of a fine geometric scan that silences."""
+    for dt in np.geomspace(lo, hi, n):
+        if score(dt)["forget_train_acc"] <= forget_max:
+            return dt
+    return None
+
+
+@pytest.mark.parametrize(
+    "grid_dts, forget_max, bracket",
+    [
+        ((1.0, 2.0, 4.0), 10.0, (2.0, 4.0)),  # boundary ln 10 = 2.30 inside the grid
+        ((1.0, 2.0), 60.0, (1.0 / 16, 1.0)),  # grid all silences: look below it (ln 1/0.6)
+        ((1.0, 2.0), 0.5, (2.0, 8.0)),  # none silences: look up to 4 x the largest dt
+    ],
+)
+def test_search_dt_finds_the_gentlest_silencing_dt(grid_dts, forget_max, bracket):
+    calls = []
+    score = _exp_score(calls)
+    grid = {dt: score(dt) for dt in grid_dts}
+    calls.clear()
+    steps = 6
+    found = calibrate.search_dt(score, grid, forget_max, steps)
+    assert set(found) == set(calls) and not set(found) & set(grid)  # only new Δt, each once
+    silencing = [dt for dt, a in {**grid, **found}.items() if a["forget_train_acc"] <= forget_max]
+    best = min(silencing)
+    reference = _naive_gentlest(_exp_score([]), *bracket, forget_max)
+    assert reference == pytest.approx(np.log(100 / forget_max), rel=1e-3)
+    # Within one final bracket of the reference: ratio (hi / lo) ** (1 / 2**steps), 4 digits.
+    tolerance = (bracket[1] / bracket[0]) ** (1 / 2**steps) * (1 + 1e-3)
+    assert reference * (1 - 1e-3) <= best <= reference * tolerance
+    assert len(found) <= steps + 1
+
+
+def test_search_dt_stops_when_nothing_silences_or_the_gentlest_already_does():
+    calls = []
+    score = _exp_score(calls)
+    grid = {dt: score(dt) for dt in (1.0, 2.0)}
+    calls.clear()
+    # Never under 1e-6 %: one look above the grid (8) and no bisection.
+    assert list(calibrate.search_dt(score, grid, 1e-6, 6)) == [8.0] == calls
+    calls.clear()
+    # Everything silences at a 99.9 % ceiling, down to 1/16: one look below the grid.
+    assert list(calibrate.search_dt(score, grid, 99.9, 6)) == [1 / 16] == calls
+    assert calibrate.search_dt(score, grid, 10.0, 0) == {8.0: score(8.0)}  # no halvings
+
+
+def test_sweep_decay_with_search_adds_gentler_points_and_the_rule_sees_them():
+    model = models.get_model("lenet")
+    params, bs = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    forget, retain = data.Split(images[:20], labels[:20]), data.Split(images[20:], labels[20:])
+    spec = units.enumerate_units(params, "weight")
+    imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
+    kwargs = dict(model=model, params=params, batch_stats=bs, dataset="mnist",
+                  forget_train=forget, retain_train=retain, imp=imp, spec=spec, top_ks=[0.5],
+                  dts=[2.0, 20.0], lam=0.1, decay_steps=3, forget_max=5.0)  # fmt: skip
+    plain = calibrate.sweep_decay(**kwargs)
+    searched = calibrate.sweep_decay(**kwargs, search_steps=4)
+    grid = [p for p in searched["points"] if not p["search"]]
+    extra = [p for p in searched["points"] if p["search"]]
+    assert [(p["dt"], p["forget_train_acc"]) for p in grid] == [
+        (p["dt"], p["forget_train_acc"]) for p in plain["points"]
+    ]
+    assert extra and all(p["top_k"] == 0.5 for p in extra)
+    assert searched["chosen_point"] == calibrate.choose(searched["points"], 5.0)
+    with pytest.raises(ValueError, match="search_steps"):
+        calibrate.sweep_decay(**kwargs, search_steps=-1)

@@ -6,6 +6,9 @@ scores, retrained models and finished results are found by hashes of ``as_record
 of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs=1
 --workdir=/tmp/tc_ref --nocompare_retrain``, and ``_public(config_from_flags("cifar10"))`` of
 ``cifar_ship --workdir=/tmp/tc_ref``), so they pin key names, values, order and hashes.
+Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session) were
+added to them by hand: they change the result key, as a new calibration rule must, but not the
+base-model or retrained-model keys, which are pinned unchanged.
 """
 
 import dataclasses
@@ -34,8 +37,8 @@ LENET_RECORD = {
     "include_bn": True, "max_test_examples": 200, "max_train_examples": 512, "model": "lenet",
     "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0,
-    "sweep_top_k": [300, 1000, 3000], "top_k": 300, "train_batch_size": 128,
+    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_search_steps": 6,
+    "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "train_batch_size": 128,
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
     "train_optimizer": "adam", "train_schedule": "cosine", "train_weight_decay": 0.0,
     "unit_chunk": 256, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1, "dataset": "mnist",
@@ -55,7 +58,7 @@ CIFAR_RECORD = {
     "include_bn": True, "max_test_examples": 0, "max_train_examples": 0, "model": "resnet18",
     "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0,
+    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_search_steps": 6,
     "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "train_batch_size": 128,
     "train_epochs": 20, "train_label_smoothing": 0.0, "train_lr": 0.1, "train_momentum": 0.9,
     "train_optimizer": "sgd", "train_schedule": "onecycle", "train_weight_decay": 0.0005,
@@ -97,9 +100,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("16bc782e51f9ebae", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("f787106bf97c4517", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("2a7a8cacfcf10dae", "67a34703f4e413dd",
+         ("9728016a907fb157", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -117,7 +120,7 @@ def test_default_flags_record_and_hash_as_before(entry, dataset, argv, chosen, r
 
 def test_record_round_trip_keeps_keys_values_and_order():
     cfg = ExperimentConfig.from_record({**LENET_RECORD, **PERMISSIONS})
-    assert cfg.forget_class == (0,) and cfg.sweep_top_k == (300, 1000, 3000)  # immutable
+    assert cfg.forget_class == (0,) and cfg.sweep_top_k == (300, 1000, 3000, 10000, 30000)
     assert cfg.as_record() == {**LENET_RECORD, **PERMISSIONS}
     assert list(cfg.as_record()) == list(RECORD_ORDER)
     assert json.dumps(common._public(cfg)) == json.dumps(LENET_RECORD)
@@ -161,6 +164,7 @@ def test_validate_config_normalises_and_names_the_flag(tmp_path):
         ({"finetune_batches": 5}, "--finetune=none conflicts"),
         ({"top_k": 10**7}, "--top_k must be a count in 1..61706"),
         ({"sweep_dt": (0.5, 0.0)}, "--sweep_dt"),
+        ({"sweep_search_steps": -1}, "--sweep_search_steps"),
         ({"lam": -1.0}, "--lambda"),
         ({"train_lr": 0.0}, "--train_lr"),
         ({"model": "vgg"}, "--model"),

@@ -39,6 +39,7 @@ class DecayConfig(NamedTuple):
     sweep_top_k: tuple = (300, 1000, 3000)
     sweep_dt: tuple = (0.25, 0.5, 1.0)
     sweep_forget_max: float = 5.0
+    sweep_search_steps: int = 0  # per K, the gentlest silencing dt (calibrate.search_dt)
     sweep_retain_size: int = 10000
     # With calibrate and fine-tuning: confirm the point through the run's own fine-tuning
     # (calibrate.confirm_after_finetune), so the class does not come back.
@@ -109,7 +110,7 @@ def decay(
             model, params, batch_stats, dataset=dataset, forget_train=data_in.forget_train,
             retain_train=scored, imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
             dts=config.sweep_dt, lam=ucfg.lam, decay_steps=ucfg.decay_steps,
-            forget_max=config.sweep_forget_max,
+            forget_max=config.sweep_forget_max, search_steps=config.sweep_search_steps,
         )  # fmt: skip
         if config.calibrate_finetune and ucfg.finetune != "none":
 
