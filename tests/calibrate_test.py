@@ -66,13 +66,19 @@ def test_selective_importance_rejects_mismatch_and_negative_beta():
         selective.check_importance_score("ratio")
 
 
-def test_sweep_decay_scores_every_point_with_the_decayed_model():
+def _tiny_request():
+    """A random-init LeNet and 20 forget / 20 retain random images."""
     model = models.get_model("lenet")
     params, bs = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 40).astype(np.int32)
     forget, retain = data.Split(images[:20], labels[:20]), data.Split(images[20:], labels[20:])
+    return model, params, bs, forget, retain
+
+
+def test_sweep_decay_scores_every_point_with_the_decayed_model():
+    model, params, bs, forget, retain = _tiny_request()
     spec = units.enumerate_units(params, "weight", include="dense3")
     imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
     sweep = calibrate.sweep_decay(
@@ -212,12 +218,7 @@ def test_search_dt_stops_when_nothing_silences_or_the_gentlest_already_does():
 
 
 def test_sweep_decay_with_search_adds_gentler_points_and_the_rule_sees_them():
-    model = models.get_model("lenet")
-    params, bs = models.init_variables(model, jax.random.key(0), (28, 28, 1))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, 40).astype(np.int32)
-    forget, retain = data.Split(images[:20], labels[:20]), data.Split(images[20:], labels[20:])
+    model, params, bs, forget, retain = _tiny_request()
     spec = units.enumerate_units(params, "weight")
     imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
     kwargs = dict(model=model, params=params, batch_stats=bs, dataset="mnist",
