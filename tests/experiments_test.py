@@ -623,3 +623,19 @@ def test_tradeoff_compares_scores_on_the_training_split(tfds_dir, tmp_path):
     assert (tmp_path / "tradeoff" / "tradeoff-3-seed0.png").read_bytes()[:8] == PNG_MAGIC
     bad = _run("tradeoff", [*args, "--scores=forget,bogus"], tfds_dir)[0]
     assert bad.returncode != 0 and "--scores: 'bogus'" in bad.stdout + bad.stderr
+
+
+def test_compare_tune_grid_is_checked_before_any_work(tfds_dir, tmp_path):
+    from experiments import compare
+
+    assert compare.parse_tune_grid("0.01,1,100") == (0.01, 1.0, 100.0)
+    for bad in ("", "1,0", "a,1"):
+        with pytest.raises(ValueError, match="--tune_grid"):
+            compare.parse_tune_grid(bad)
+    saved = tmp_path / "compare" / "tuning.json"
+    saved.parent.mkdir()
+    saved.write_text(json.dumps({"grid": [0.3, 1.0, 3.0], "chosen": {}}))
+    compare.check_tuning_grid(saved, (0.3, 1.0, 3.0))  # the same grid: reused
+    proc, output, _ = _run("compare", [f"--workdir={tmp_path}", "--tune"], tfds_dir)
+    assert proc.returncode != 0 and "--tune_grid=0.01,0.1,1,10,100 differs" in output
+    assert not (tmp_path / "compare" / "base").exists()  # refused before any training
