@@ -286,8 +286,10 @@ def main(argv):
                 if not tuning_path.exists():
                     tuned = tune(req, names, configs, model, params, bs, train_split,
                                  FLAGS.val_fraction, grid)  # fmt: skip
-                    result_files.write_json_atomic(tuning_path, {
-                        "request": classes, "seed": seed, "grid": list(grid), "chosen": tuned})
+                    result_files.write_json_atomic(
+                        tuning_path,
+                        {"request": classes, "seed": seed, "grid": list(grid), "chosen": tuned},
+                    )
                 tuned = result_files.read_json(tuning_path)["chosen"]
                 configs = {n: scaled(c, tuned[n]["factor"]) if n in tuned else c
                            for n, c in configs.items()}  # fmt: skip

@@ -108,7 +108,7 @@ def sweep_decay(
         selected = decay.select_top_k(imp, k)
         mask = units.unit_mask(params, spec, selected)
 
-        def score(dt: float) -> dict:
+        def score(dt: float, mask=mask) -> dict:  # this K's mask (bound now, not late)
             decayed = decay.decay(params, mask, lam, dt, decay_steps)
             return train_accuracies(model, decayed, batch_stats, dataset, forget_train,
                                     retain_train)  # fmt: skip
