@@ -682,6 +682,7 @@ def unit_spec(cfg: ExperimentConfig, params) -> units.UnitSpec:
 def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> dict:
     """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``)."""
     forget, retain = data.forget_retain(train_split, cfg.forget_class)
+    start = time.perf_counter()
     sweep = calibrate.sweep_decay(
         model, params, batch_stats, dataset=cfg.dataset, forget_train=forget,
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
@@ -689,6 +690,7 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> 
         decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps,
     )  # fmt: skip
+    sweep["seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])
     return sweep
 
@@ -716,10 +718,12 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
         )  # fmt: skip
         return result.params, result.batch_stats
 
+    start = time.perf_counter()
     confirmed = calibrate.confirm_after_finetune(
         model, sweep=sweep, run=run, dataset=cfg.dataset, forget_train=forget,
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0),
     )  # fmt: skip
+    confirmed["confirm_seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
                  confirmed["chosen_point"])  # fmt: skip
     return confirmed
@@ -843,6 +847,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
                                         train_split, test_split)  # fmt: skip
     timings = dict(result.timings)
     timings["importance"] += importance_seconds
+    timings["calibration"] = calibration_seconds(calibration)
     timings["eval"] += time.perf_counter() - eval_start
     timings["total"] = time.perf_counter() - start
     imp = result.importance
@@ -884,6 +889,14 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     result_files.write_json_atomic(path, out)
     return out
+
+
+def calibration_seconds(calibration: dict | None) -> float:
+    """Seconds the request's calibration took: its sweep, plus the checks through the row's
+    fine-tuning (0 without calibration, or for a record from before these were timed)."""
+    if not calibration:
+        return 0.0
+    return float(calibration.get("seconds", 0.0) + calibration.get("confirm_seconds", 0.0))
 
 
 def selected_norm_ratio(before, after, spec, selected) -> float | None:

@@ -147,14 +147,16 @@ def gap(final: dict, retrained: dict) -> dict:
 
 
 def unlearning_seconds(timings: dict, importance_seconds: float | None) -> float:
-    """Importance + decay + fine-tune seconds (evaluation excluded; reused importance counts).
+    """Importance + calibration + decay + fine-tune seconds (evaluation excluded; reused
+    importance and a sweep shared between rows count for each row).
 
     ``timings["importance"]`` is what this run spent scoring (all re-estimations included);
     ``importance_seconds`` is what the importance it used cost, also when computed earlier and
     shared between rows. The larger of the two is the run's importance cost.
     """
     imp = max(timings.get("importance", 0.0), importance_seconds or 0.0)
-    return float(imp + timings.get("decay", 0.0) + timings.get("finetune", 0.0))
+    spent = ("calibration", "decay", "finetune")
+    return float(imp + sum(timings.get(k, 0.0) for k in spent))
 
 
 def compare(cfg, model, base_params, base_batch_stats, params, batch_stats, train_split,

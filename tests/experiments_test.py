@@ -280,6 +280,9 @@ def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
             assert result["gap"][key] == pytest.approx(
                 result["final"][key] - result["retrained"][key])  # fmt: skip
         assert result["retrained"]["train_seconds"] > 0 and result["cost_ratio"] > 0
+        # The request's sweep is part of what unlearning cost (timed, and in cost_ratio).
+        assert result["timings"]["calibration"] == pytest.approx(sweeps[f"{cls}-seed0"]["seconds"])
+        assert result["timings"]["calibration"] > 0
         assert result["control"]["forget_acc"] == 0.0  # the silenced logit is never argmax
         assert result["retrained"]["forget_acc"] == 0.0  # never trained on the class
     assert len(list((tmp_path / "lenet" / "retrain").iterdir())) == 2

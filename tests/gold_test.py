@@ -101,3 +101,13 @@ def test_goal_kinds(kind, value, ref, expected):
                                   else 5.0)  # fmt: skip
     result = {"final": {"m": value}, "retrained": {} if ref is None else {"m": ref}}
     assert goal.met(result) is expected
+
+
+def test_unlearning_seconds_count_calibration_and_the_larger_importance():
+    timings = {"importance": 2.0, "calibration": 30.0, "decay": 0.5, "finetune": 7.0, "eval": 99.0}
+    assert gold.unlearning_seconds(timings, 5.0) == 5.0 + 30.0 + 0.5 + 7.0  # eval excluded
+    assert gold.unlearning_seconds({**timings, "importance": 9.0}, 5.0) == 46.5
+    assert gold.unlearning_seconds({"decay": 1.0}, None) == 1.0  # older records: no calibration
+    assert common.calibration_seconds({"seconds": 12.5, "confirm_seconds": 40.0}) == 52.5
+    assert common.calibration_seconds({"seconds": 12.5}) == 12.5
+    assert common.calibration_seconds(None) == 0.0
