@@ -1,4 +1,4 @@
-"""Rewrites README's forgetting-results block from a results folder's forgetting.json.
+"""Rewrites README's forgetting-results block from results folders' forgetting.json.
 
     python scripts/readme_results.py results/lenet_forgetting_cpu_2026-11-27 \\
         --title="LeNet-5 / MNIST, every digit, seed 0 (CPU)"
@@ -18,8 +18,9 @@ START, END = "<!-- FORGETTING-RESULTS -->", "<!-- /FORGETTING-RESULTS -->"
 KEYS = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery", "relearn_steps")
 
 
-def block(results: list[dict], title: str, source: str) -> str:
-    lines = [f"### {title}", "", f"From `{source}/forgetting.md` (mean ± std over requests; "
+def block(results: list[dict], title: str, sources: list[str]) -> str:
+    where = ", ".join(f"`{s}/forgetting.md`" for s in sources)
+    lines = [f"### {title}", "", f"From {where} (mean ± std over requests; "
              "unlearned / retrained / silenced control).", "",
              "| row | requests | " + " | ".join(KEYS) + " | cost ratio % |",
              "|---|---|" + "---|" * (len(KEYS) + 1)]  # fmt: skip
@@ -36,11 +37,13 @@ def block(results: list[dict], title: str, source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=pathlib.Path)
+    parser.add_argument("folders", type=pathlib.Path, nargs="+",
+                        help="results folders; their rows are listed together")
     parser.add_argument("--title", required=True)
     parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("README.md"))
     args = parser.parse_args()
-    results = json.loads((args.folder / "forgetting.json").read_text())["results"]
+    results = [r for folder in args.folders
+               for r in json.loads((folder / "forgetting.json").read_text())["results"]]
     text = args.readme.read_text()
     if START not in text:
         raise SystemExit(f"{args.readme} has no {START} marker")
@@ -48,7 +51,7 @@ def main() -> None:
         text = text.replace(START, f"{START}\n{END}", 1)
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = block(results, args.title, args.folder.as_posix())
+    new = block(results, args.title, [f.as_posix() for f in args.folders])
     args.readme.write_text(f"{head}{START}\n{new}{END}{tail}")
 
 
