@@ -214,13 +214,16 @@ def _parse_text(values: dict) -> dict:
         out["top_k"] = parse_top_k(values["top_k"])
     for name, parse in (("sweep_top_k", parse_top_k), ("sweep_dt", float)):
         if isinstance(values[name], str):
-            try:
-                out[name] = tuple(parse(v) for v in values[name].split(","))
-            except ValueError:
-                raise ValueError(
-                    f"--{name} must be a comma list of numbers; got {values[name]!r}"
-                ) from None
+            out[name] = parse_number_list(name, values[name], parse)
     return out
+
+
+def parse_number_list(flag: str, text: str, parse=float) -> tuple:
+    """``--flag``'s comma list parsed value by value; a clear error naming the flag."""
+    try:
+        return tuple(parse(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{flag} must be a comma list of numbers; got {text!r}") from None
 
 
 def _preset_settings(row: str) -> dict:

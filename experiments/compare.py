@@ -96,11 +96,8 @@ def scaled(mcfg, factor: float):
 
 def parse_tune_grid(text: str) -> tuple[float, ...]:
     """--tune_grid's factors, each > 0."""
-    try:
-        grid = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        grid = ()
-    if not grid or not all(f > 0 for f in grid):
+    grid = common.parse_number_list("tune_grid", text)
+    if not all(f > 0 for f in grid):
         raise ValueError(f"--tune_grid must be a comma list of factors > 0; got {text!r}")
     return grid
 

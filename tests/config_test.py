@@ -172,3 +172,10 @@ def test_validate_config_normalises_and_names_the_flag(tmp_path):
         with pytest.raises(ValueError, match=needle):
             common.validate_config(dataclasses.replace(cfg, **change))
     assert not (tmp_path / "runs").exists()
+
+
+def test_parse_number_list_names_the_flag():
+    assert common.parse_number_list("sweep_dt", "0.25,2") == (0.25, 2.0)
+    assert common.parse_number_list("sweep_top_k", "300,0.1", common.parse_top_k) == (300, 0.1)
+    with pytest.raises(ValueError, match="--sweep_dt must be a comma list of numbers; got 'a,1'"):
+        common.parse_number_list("sweep_dt", "a,1")
