@@ -784,12 +784,17 @@ def existing_result(cfg: ExperimentConfig) -> dict | None:
     return None
 
 
+# Where a run's inputs and outputs live, not what it computes: a results folder that was
+# moved or merged into another, or data read from another copy, still resumes.
+LOCATION_SETTINGS = ("workdir", "data_dir")
+
+
 def resume_key(config: dict) -> str:
-    """What makes two recorded configs the same run. With ``calibrate`` on, K and dt are the
-    calibration's output (a row that fine-tunes may move them), so they are left out."""
-    if config.get("calibrate"):
-        config = {k: v for k, v in config.items() if k not in ("top_k", "dt")}
-    return checkpoint.config_key(config)
+    """What makes two recorded configs the same run: every setting but the locations. With
+    ``calibrate`` on, K and dt are the calibration's output (a row that fine-tunes may move
+    them), so they are left out too."""
+    drop = LOCATION_SETTINGS + (("top_k", "dt") if config.get("calibrate") else ())
+    return checkpoint.config_key({k: v for k, v in config.items() if k not in drop})
 
 
 def _public(cfg: ExperimentConfig) -> dict:

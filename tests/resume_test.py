@@ -41,3 +41,16 @@ def test_explicit_k_and_dt_are_part_of_the_run(tmp_path):
     _save(tmp_path, _config(tmp_path, calibrate=False, top_k=1000))
     with pytest.raises(FileExistsError, match="different config"):
         common.existing_result(_config(tmp_path, calibrate=False, top_k=20))
+
+
+def test_a_moved_results_folder_still_resumes(tmp_path):
+    # Saved under one workdir and data folder, the row is copied into another workdir (e.g.
+    # to merge two processes' results) and asked for with another --data_dir.
+    old, new = tmp_path / "old", tmp_path / "new"
+    _save(old, _config(old, data_dir="/data/a"))
+    (new / "L3-0-seed0").mkdir(parents=True)
+    (new / "L3-0-seed0" / "result.json").write_bytes(
+        (old / "L3-0-seed0" / "result.json").read_bytes()
+    )
+    found = common.existing_result(_config(new, data_dir="/data/b"))
+    assert found is not None and found["config"]["workdir"] == str(old)
