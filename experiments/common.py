@@ -108,6 +108,10 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_string("data_dir", d("data_dir"),
                         "TFDS data dir (default: $TFDS_DATA_DIR, then TFDS's).")
     flags.DEFINE_string("workdir", d("workdir"), "Where base models and results go.")
+    flags.DEFINE_string("cache_dir", d("cache_dir"),
+                        "Where base models, retrained models and importance scores are kept "
+                        "(default: --workdir); one folder shared by several workdirs trains "
+                        "each model once.")  # fmt: skip
     flags.DEFINE_string("run_name", d("run_name"), "Result folder name (default: preset-seed).")
     flags.DEFINE_bool("overwrite", d("overwrite"),
                       "Replace an existing result of another config.")
@@ -279,6 +283,8 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
         train.validate_optimizer_config(base_optimizer(cfg))
     check_units(cfg)
     check_workdir(cfg.workdir)
+    if cfg.cache_dir:
+        check_workdir(cfg.cache_dir, "cache_dir")
     return cfg
 
 
@@ -360,14 +366,15 @@ def check_units(cfg: ExperimentConfig) -> None:
                          f"(0, 1]; got {top_k}")  # fmt: skip
 
 
-def check_workdir(workdir: str) -> None:
-    """Checks that ``workdir`` exists writable or can be created; creates nothing."""
+def check_workdir(workdir: str, flag: str = "workdir") -> None:
+    """Checks that folder ``workdir`` (given by ``--flag``) exists writable or can be created;
+    creates nothing."""
     path = pathlib.Path(workdir).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"--workdir {workdir} cannot be created: {existing} is not a directory")
+        raise ValueError(f"--{flag} {workdir} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--workdir {workdir} is not writable ({existing})")
+        raise ValueError(f"--{flag} {workdir} is not writable ({existing})")
 
 
 def base_optimizer(cfg: ExperimentConfig) -> train.OptimizerConfig:
@@ -613,7 +620,7 @@ def get_base_model(cfg: ExperimentConfig, train_split: data.Split, test_split: d
         return params, batch_stats, history
 
     params, batch_stats, info = train_or_restore(
-        pathlib.Path(cfg.workdir) / "base" / name, key_config, train_base,
+        cached_at(cfg, "base", name), key_config, train_base,
         retrain=cfg.retrain_base, what="base model",
         anew="Pass --retrain_base to train and save it anew",
     )  # fmt: skip
@@ -656,7 +663,8 @@ def compute_importance(cfg, model, params, batch_stats, train_split, spec):
         return imp
 
     key = importance_key(cfg, params, batch_stats)
-    return importance_cache.cached(cfg.workdir, key, compute)
+    name = importance_cache.cache_path("", key).name
+    return importance_cache.cached(cached_at(cfg, "importance", name).parent.parent, key, compute)
 
 
 def importance_key(cfg: ExperimentConfig, params, batch_stats) -> dict:
@@ -764,6 +772,15 @@ def versions() -> dict:
     }  # fmt: skip
 
 
+def cached_at(cfg: ExperimentConfig, kind: str, name: str) -> pathlib.Path:
+    """Where the cached ``<kind>/<name>`` (kind: base, retrain, importance) lives: under the
+    shared cache folder (``cfg.cache_dir``, else the workdir), or under the run's own workdir
+    where an earlier version of reproduce or compare left it (so it is reused, not redone)."""
+    shared = pathlib.Path(cfg.cache_dir or cfg.workdir) / kind / name
+    own = pathlib.Path(cfg.workdir) / kind / name
+    return own if own.exists() and not shared.exists() else shared
+
+
 def run_dir(cfg: ExperimentConfig) -> pathlib.Path:
     name = cfg.run_name or f"{cfg.row or 'custom'}-seed{cfg.seed}"
     return pathlib.Path(cfg.workdir) / name
@@ -798,9 +815,10 @@ def resume_key(config: dict) -> str:
 
 
 def _public(cfg: ExperimentConfig) -> dict:
-    """The config as recorded and compared: everything but permissions and safety checks."""
+    """The config as recorded and compared: everything but permissions, safety checks and
+    where the shared caches live (the checkpoints' own paths are recorded in the result)."""
     return {k: v for k, v in cfg.as_record().items()
-            if k not in ("overwrite", "retrain_base", "min_base_acc")}  # fmt: skip
+            if k not in ("overwrite", "retrain_base", "min_base_acc", "cache_dir")}  # fmt: skip
 
 
 def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,

@@ -7,7 +7,8 @@
     python -m experiments.compare --dataset=mnist --forget_classes=3 --seeds=0 \\
         --max_train_examples=2000 --max_test_examples=500 --train_epochs=1   # CPU smoke
 
-Per seed one base model (trained once, reused from <workdir>/compare/base); per
+Per seed one base model (trained once, reused from <workdir>/base, which the other entry
+points given the same --workdir share, like the retrained models and importance); per
 (method, forget class, seed) one cell ``<workdir>/compare/<method>-<class>-seed<seed>/
 result.json`` with the method's wall seconds and gradient steps and every forgetting
 metric of experiments/gold.py beside the retrained model's (the ``retrain`` cell *is* the
@@ -19,7 +20,8 @@ dataset (``method_configs``); ``decay`` sizes K and dt per request on the traini
 (``--calibrate``, on by default) with lambda, T and fine-tuning of ``--preset`` (default: the
 after-each-step row, L4 on MNIST and C7 on CIFAR-10). With ``--tune`` each peer's main knob
 (SSD's alpha, otherwise the learning rate) is scaled by the ``--tune_grid`` factor that does best
-on a validation split of the first request (saved in tuning.json with its grid, then frozen).
+on a validation split of the first request (saved in tuning.json with its grid, then frozen;
+each tuning run is saved as it finishes, so an interrupted --tune resumes).
 """
 
 import dataclasses
@@ -32,7 +34,7 @@ from absl import app, flags, logging
 
 from experiments import cifar_ship, common, gold, mnist_lenet
 from experiments.config import ExperimentConfig
-from tdu_jax import calibrate, data, methods, metrics, plots, result_files, train
+from tdu_jax import calibrate, checkpoint, data, methods, metrics, plots, result_files, train
 from tdu_jax import forgetting_report as fr
 from tdu_jax.methods import finetune, ours, salun, scrub, ssd
 
@@ -113,14 +115,22 @@ def check_tuning_grid(path: pathlib.Path, grid: tuple[float, ...]) -> None:
 
 
 def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: float,
-         grid: tuple[float, ...]) -> dict:  # fmt: skip
+         grid: tuple[float, ...], runs_dir: pathlib.Path) -> dict:  # fmt: skip
     """One sweep per peer method on a validation split carved from the training data.
 
     The method runs on the rest of the training split; each grid point is scored by forget
     and retain accuracy on the held-out part and chosen by the calibration rule (highest
     retain accuracy with forget accuracy <= TUNE_FORGET_MAX, else lowest forget accuracy).
-    Test data is never used. Returns {method: {"factor", "points"}}.
+    Test data is never used. Each scored point is saved at once in
+    ``runs_dir/tuning-runs-<hash of request, seed, grid, split>.json``, so an interrupted
+    sweep resumes where it stopped (a method whose config changed is run again).
+    Returns {method: {"factor", "points"}}.
     """
+    header = {"request": list(cfg.forget_class), "seed": cfg.seed, "grid": list(grid),
+              "val_fraction": val_fraction,
+              "base": checkpoint.config_key(common.base_config(cfg))}  # fmt: skip
+    runs_path = runs_dir / f"tuning-runs-{checkpoint.config_key(header)}.json"
+    done = result_files.read_json(runs_path)["points"] if runs_path.exists() else {}
     n_val = max(1, int(round(val_fraction * train_split.size)))
     order = np.random.default_rng(cfg.seed).permutation(train_split.size)
     fit = data.Split(train_split.images[order[n_val:]], train_split.labels[order[n_val:]])
@@ -133,7 +143,15 @@ def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: floa
         if name in ("decay", "retrain"):
             continue
         points = []
+        method_record = result_files.to_jsonable(configs[name]._asdict())
+        if done.get(name, {}).get("config") != method_record:
+            done[name] = {"config": method_record, "points": {}}
         for factor in grid:
+            saved = done[name]["points"].get(f"{factor:g}")
+            if saved is not None:
+                logging.info("tune %s x%g: saved in %s", name, factor, runs_path.name)
+                points.append(saved)
+                continue
             mcfg = scaled(configs[name], factor)
             key = jax.random.key(cfg.seed)
             result = methods.run_method(name, model, params, bs, data_in, key, mcfg,
@@ -145,6 +163,8 @@ def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: floa
             points.append({"factor": factor, "forget_train_acc": acc["forget_acc"],
                            "retain_train_acc": acc["retain_acc"]})  # fmt: skip
             logging.info("tune %s x%g: %s", name, factor, points[-1])
+            done[name]["points"][f"{factor:g}"] = points[-1]
+            result_files.write_json_atomic(runs_path, {**header, "points": done})
         chosen[name] = {"factor": calibrate.choose(points, TUNE_FORGET_MAX)["factor"],
                         "points": points}  # fmt: skip
     return chosen
@@ -263,7 +283,11 @@ def main(argv):
             cfg = common.validate_config(
                 common.apply_preset(cfg, "L4" if FLAGS.dataset == "mnist" else "C7")
             )
-        cfg = dataclasses.replace(cfg, workdir=str(pathlib.Path(cfg.workdir) / "compare"))
+        cfg = dataclasses.replace(
+            cfg,
+            workdir=str(pathlib.Path(cfg.workdir) / "compare"),
+            cache_dir=cfg.cache_dir or cfg.workdir,
+        )  # shared models
         names, requests, seeds = parse_args(cfg)
         train.validate_optimizer_config(common.base_optimizer(cfg))
         grid = parse_tune_grid(FLAGS.tune_grid)
@@ -282,7 +306,7 @@ def main(argv):
                 tuning_path = workdir / "tuning.json"
                 if not tuning_path.exists():
                     tuned = tune(req, names, configs, model, params, bs, train_split,
-                                 FLAGS.val_fraction, grid)  # fmt: skip
+                                 FLAGS.val_fraction, grid, workdir)  # fmt: skip
                     result_files.write_json_atomic(
                         tuning_path,
                         {"request": classes, "seed": seed, "grid": list(grid), "chosen": tuned},

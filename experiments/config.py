@@ -80,8 +80,12 @@ class ExperimentConfig:
     # Reporting.
     evaluate_each_step: bool = True  # evaluate on test after every decay step
     compare_retrain: bool = False  # also compare with the retrained gold standard
-    # Where results go, and permissions (not recorded: see common._public).
+    # Where results and caches go, and permissions (cache_dir and the permissions are not
+    # recorded: see common._public).
     workdir: str = "runs"
+    # Content-keyed caches (base models, retrained models, importance); None: the workdir
+    # (reproduce and compare: --workdir itself, so that every entry point shares them).
+    cache_dir: str | None = None
     run_name: str | None = None  # result folder name; None: <row or custom>-seed<seed>
     overwrite: bool = False  # replace an existing result of another config
     retrain_base: bool = False  # train the base model anew, replacing a saved one

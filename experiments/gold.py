@@ -50,7 +50,7 @@ def retrain_config(cfg: ExperimentConfig) -> dict:
 
 def retrain_dir(cfg: ExperimentConfig) -> pathlib.Path:
     key = checkpoint.config_key(retrain_config(cfg))
-    return pathlib.Path(cfg.workdir) / "retrain" / f"{cfg.model}-{key}"
+    return common.cached_at(cfg, "retrain", f"{cfg.model}-{key}")
 
 
 def get_retrained_model(cfg: ExperimentConfig, model, train_split: data.Split):

@@ -77,7 +77,10 @@ def table_configs(
     cfg = common.config_from_flags(spec_t["dataset"], spec_t["defaults"])
     if cfg.row is not None:
         raise ValueError("--preset does not apply to reproduce; use --rows")
+    # Results per table; base models, retrained models and importance shared by every entry
+    # point that is given the same --workdir.
     cfg = dataclasses.replace(cfg, workdir=str(pathlib.Path(FLAGS.workdir) / name),
+                              cache_dir=cfg.cache_dir or FLAGS.workdir,
                               calibrate=cfg.calibrate and FLAGS.sweep)  # fmt: skip
     rows = FLAGS.rows.split(",") if FLAGS.rows else list(presets.TABLES[name])
     for row in rows:

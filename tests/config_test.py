@@ -65,7 +65,8 @@ CIFAR_RECORD = {
     "unit_chunk": 32, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
-PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0}
+# Settings that are not recorded: permissions, the safety floor and the cache location.
+PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
 # Builds the config from an entry point's flags (defined with its DEFAULTS), applies the
 # calibration's choice the way run_one does, and prints what is recorded and hashed.

@@ -285,7 +285,7 @@ def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
         assert result["timings"]["calibration"] > 0
         assert result["control"]["forget_acc"] == 0.0  # the silenced logit is never argmax
         assert result["retrained"]["forget_acc"] == 0.0  # never trained on the class
-    assert len(list((tmp_path / "lenet" / "retrain").iterdir())) == 2
+    assert len(list((tmp_path / "retrain").iterdir())) == 2
     text = (table_dir / "forgetting.md").read_text()
     assert "L1: 2 requests (2 forget classes x 1 seeds)" in text and "PARTIAL" not in text
     assert (table_dir / "per_class-forget_acc.png").read_bytes()[:8] == PNG_MAGIC

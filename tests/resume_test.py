@@ -1,8 +1,9 @@
-"""Resuming a finished row: which recorded configs count as the same run."""
+"""Resuming a finished row (which recorded configs count as the same run) and where the
+cached models are found."""
 
 import pytest
 
-from experiments import common
+from experiments import common, gold
 from experiments.config import ExperimentConfig
 from tdu_jax import result_files
 
@@ -54,3 +55,27 @@ def test_a_moved_results_folder_still_resumes(tmp_path):
     )
     found = common.existing_result(_config(new, data_dir="/data/b"))
     assert found is not None and found["config"]["workdir"] == str(old)
+
+
+def test_caches_are_shared_through_cache_dir_and_found_where_older_runs_left_them(tmp_path):
+    # reproduce's table folder (workdir <root>/lenet, cache_dir <root>) and a single run
+    # (workdir <root>) keep the base model, retrained model and importance in one place.
+    table = _config(tmp_path / "lenet", cache_dir=str(tmp_path))
+    single = _config(tmp_path)
+    for kind in ("base", "retrain", "importance"):
+        assert common.cached_at(table, kind, "m-1") == tmp_path / kind / "m-1"
+        assert common.cached_at(single, kind, "m-1") == tmp_path / kind / "m-1"
+    assert gold.retrain_dir(table) == gold.retrain_dir(single)
+    # A model an earlier version saved under the table's own folder is reused, not redone.
+    (tmp_path / "lenet" / "base" / "m-2").mkdir(parents=True)
+    assert common.cached_at(table, "base", "m-2") == tmp_path / "lenet" / "base" / "m-2"
+    # ... unless the shared folder holds it too.
+    (tmp_path / "base" / "m-2").mkdir(parents=True)
+    assert common.cached_at(table, "base", "m-2") == tmp_path / "base" / "m-2"
+
+
+def test_unwritable_cache_dir_is_refused_by_its_flag_name(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="--cache_dir .* is not a directory"):
+        common.validate_config(_config(tmp_path, cache_dir=str(blocker / "cache")))
