@@ -690,8 +690,10 @@ def unit_spec(cfg: ExperimentConfig, params) -> units.UnitSpec:
                                  cfg.include_bn)  # fmt: skip
 
 
-def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> dict:
-    """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``)."""
+def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec,
+                    retain_all_points: bool = False) -> dict:  # fmt: skip
+    """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``); retain
+    accuracy only where the rule needs it unless ``retain_all_points``."""
     forget, retain = data.forget_retain(train_split, cfg.forget_class)
     start = time.perf_counter()
     sweep = calibrate.sweep_decay(
@@ -699,7 +701,7 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec) -> 
         retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
         spec=spec, top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, lam=cfg.lam,
         decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
-        search_steps=cfg.sweep_search_steps,
+        search_steps=cfg.sweep_search_steps, retain_all_points=retain_all_points,
     )  # fmt: skip
     sweep["seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])

@@ -121,7 +121,8 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
     table_dir = pathlib.Path(cfg.workdir)
     sweep_allowed = FLAGS.sweep and not (FLAGS["top_k"].present or FLAGS["dt"].present)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
-    sweeps = {}
+    sweep_path = table_dir / "sweep.json"
+    sweeps = result_files.read_json(sweep_path) if sweep_path.exists() else {}
     for seed in seeds:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         train_split, test_split, model, params, bs, base = common.prepare_base(seed_cfg)
@@ -133,7 +134,12 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
             base["acc"], base["per_class"] = common.accuracies(model, params, bs, req,
                                                                train_split, test_split)  # fmt: skip
             imp, sweep = None, None
-            if any(shares_importance(row_config(req, r, seed, requests), req) for r in rows):
+            finished = {r: common.existing_result(row_config(req, r, seed, requests))
+                        for r in rows}  # fmt: skip
+            sweep = recorded_sweep(sweeps.get(f"{req_name}-seed{seed}"), finished.values())
+            if sweep is not None:  # every row finished with this sweep: nothing to redo
+                logging.info("Every row of forget %s, seed %d is finished", req_name, seed)
+            elif any(shares_importance(row_config(req, r, seed, requests), req) for r in rows):
                 spec = common.unit_spec(req, params)
                 imp = common.compute_importance(req, model, params, bs, train_split, spec)
                 if sweep_allowed:
@@ -141,14 +147,14 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
                                               train_split, imp, spec)  # fmt: skip
                     req = dataclasses.replace(req, **sweep["chosen"])
                     sweeps[f"{req_name}-seed{seed}"] = sweep
-                    result_files.write_json_atomic(table_dir / "sweep.json", sweeps)
+                    result_files.write_json_atomic(sweep_path, sweeps)
                 k = decay.resolve_k(req.top_k, spec.num_units)
                 title = f"{name}: accuracy drop per unit ({req_name}, seed {seed})"
                 plot_path = table_dir / f"importance-{req_name}-seed{seed}.png"
                 plots.plot_importance(imp.accuracy_drop, k, plot_path, title=title)
             for row in rows:
                 row_cfg = row_config(req, row, seed, requests)
-                result = common.existing_result(row_cfg)
+                result = finished[row]
                 if result is not None:
                     logging.info("Skipping row %s, forget %s, seed %d: finished in %s", row,
                                  req_name, seed, common.run_dir(row_cfg))  # fmt: skip
@@ -168,12 +174,24 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
     return {"rows": per_row, "sweeps": sweeps}
 
 
+def recorded_sweep(sweep: dict | None, results) -> dict | None:
+    """A request's saved sweep, if every row's result is finished and every calibrated row
+    used it (same points), else None (the sweep is then made again)."""
+    results = list(results)
+    if sweep is None or any(r is None for r in results):
+        return None
+    used = [r["calibration"]["points"] for r in results if r.get("calibration")]
+    return sweep if used and all(u == sweep["points"] for u in used) else None
+
+
 def plot_tradeoff(sweep: dict, results: list[dict], path: pathlib.Path, title: str) -> None:
     """Forget-retain trade-off on the training split: the sweep's points before fine-tuning,
     and for each row that checked points through its fine-tuning, those points after it
     (stars: the points the rules chose)."""
     point = lambda p, after="": (p["forget_train_acc" + after], p["retain_train_acc" + after])
-    curves = {"decay only (sweep)": [point(p) for p in sweep["points"]]}
+    # Points that do not silence the class carry no retain accuracy (see calibrate).
+    scored = [p for p in sweep["points"] if p["retain_train_acc"] is not None]
+    curves = {"decay only (sweep)": [point(p) for p in scored]}
     chosen = {"decay only (sweep)": point(calibrate.choose(sweep["points"], sweep["forget_max"]))}
     for result in results:
         tried = (result.get("calibration") or {}).get("tried")

@@ -63,7 +63,8 @@ def main(argv):
             for score in scores:
                 req = dataclasses.replace(seed_cfg, forget_class=classes, importance_score=score)
                 imp = common.compute_importance(req, model, params, bs, train_split, spec)
-                sweep = common.calibrate_decay(req, model, params, bs, train_split, imp, spec)
+                sweep = common.calibrate_decay(req, model, params, bs, train_split, imp, spec,
+                                               retain_all_points=True)  # fmt: skip
                 label = score if score == "forget" else f"{score} (beta {req.selective_beta:g})"
                 point = lambda p: (p["forget_train_acc"], p["retain_train_acc"])
                 curves[label] = [point(p) for p in sweep["points"]]

@@ -235,3 +235,38 @@ def test_sweep_decay_with_search_adds_gentler_points_and_the_rule_sees_them():
     assert searched["chosen_point"] == calibrate.choose(searched["points"], 5.0)
     with pytest.raises(ValueError, match="search_steps"):
         calibrate.sweep_decay(**kwargs, search_steps=-1)
+
+
+@pytest.mark.parametrize("forget_max", [0.0, 5.0, 100.0])
+def test_sweep_scores_retain_only_where_the_rule_needs_it_and_chooses_the_same(forget_max):
+    model, params, bs, forget, retain = _tiny_request()
+    spec = units.enumerate_units(params, "weight")
+    imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
+    kwargs = dict(model=model, params=params, batch_stats=bs, dataset="mnist",
+                  forget_train=forget, retain_train=retain, imp=imp, spec=spec,
+                  top_ks=[0.1, 0.5], dts=[0.5, 5.0, 50.0], lam=0.1, decay_steps=3,
+                  forget_max=forget_max, search_steps=2)  # fmt: skip
+    full = calibrate.sweep_decay(**kwargs, retain_all_points=True)
+    lazy = calibrate.sweep_decay(**kwargs)
+    assert all(p["retain_train_acc"] is not None for p in full["points"])
+    assert len(lazy["points"]) == len(full["points"])
+    silenced = 0
+    for f, z in zip(full["points"], lazy["points"], strict=True):
+        assert (z["top_k"], z["dt"], z["forget_train_acc"]) == (
+            f["top_k"], f["dt"], f["forget_train_acc"])  # fmt: skip
+        if f["forget_train_acc"] <= forget_max:
+            silenced += 1
+            assert z["retain_train_acc"] == f["retain_train_acc"]
+    if silenced == 0:  # the fallback: the lowest forget accuracy's ties are scored in full
+        lowest = min(p["forget_train_acc"] for p in full["points"])
+        ties = [p for p in lazy["points"] if p["forget_train_acc"] == lowest]
+        assert all(p["retain_train_acc"] is not None for p in ties)
+    else:
+        assert sum(p["retain_train_acc"] is not None for p in lazy["points"]) == silenced
+    assert lazy["chosen_point"] == full["chosen_point"]
+    assert lazy["chosen"] == full["chosen"]
+
+
+def test_choose_fallback_ignores_unscored_retain_of_worse_points():
+    points = _points((10, 9.0, None), (20, 7.0, 80.0), (30, 7.0, 85.0), (40, 8.0, None))
+    assert calibrate.choose(points, 5.0)["top_k"] == 30

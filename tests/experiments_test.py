@@ -225,7 +225,11 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     assert (l4["config"]["top_k"], l4["config"]["dt"]) == (chosen["top_k"], chosen["dt"])
     silenced = [p for p in sweep["points"] if p["forget_train_acc"] <= 50]
     before = [{k: v for k, v in t.items() if not k.endswith("_after")} for t in calib["tried"]]
-    fallback = min(sweep["points"], key=lambda p: (p["forget_train_acc"], -p["retain_train_acc"]))
+    lowest = min(p["forget_train_acc"] for p in sweep["points"])
+    ties = [p for p in sweep["points"] if p["forget_train_acc"] == lowest]
+    fallback = max(ties, key=lambda p: p["retain_train_acc"])  # ties carry retain accuracy
+    # Retain accuracy is scored where the rule needs it: at every silencing point.
+    assert all(p["retain_train_acc"] is not None for p in silenced)
     assert all(p in silenced for p in before) or before == [fallback]
     assert calib["confirmed"] == (chosen["forget_train_acc_after"] <= 50)
     # The calibration ran the row itself (same key and data), so the real run lands on the same
@@ -246,6 +250,10 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     for row in ("L1", "L4"):
         assert f"Skipping row {row}, forget 0, seed 0: finished in" in output
     assert "Reusing base model" in output and "Importance of" not in output
+    # ... not even the sweep: every row of the request is finished with the saved sweep.
+    assert "Every row of forget 0, seed 0 is finished" in output
+    assert "Calibration chose" not in output
+    assert _read(table_dir / "sweep.json")["0-seed0"] == sweep
 
     # --summarize_only rebuilds the summary from the files alone; a missing seed is PARTIAL.
     (table_dir / "summary.md").unlink()
@@ -621,7 +629,8 @@ def test_tradeoff_compares_scores_on_the_training_split(tfds_dir, tmp_path):
     sweeps = _read(tmp_path / "tradeoff" / "tradeoff.json")["3-seed0"]
     assert sorted(sweeps) == ["forget", "selective"]
     for sweep in sweeps.values():
-        assert len(sweep["points"]) == 4  # 2 K x 2 dt
+        assert len([p for p in sweep["points"] if not p["search"]]) == 4  # 2 K x 2 dt
+        assert all(p["retain_train_acc"] is not None for p in sweep["points"])  # whole curves
         assert sweep["lambda"] == 0.1 and sweep["decay_steps"] == 2  # L1's lambda; --decay_steps
     assert (tmp_path / "tradeoff" / "tradeoff-3-seed0.png").read_bytes()[:8] == PNG_MAGIC
     bad = _run("tradeoff", [*args, "--scores=forget,bogus"], tfds_dir)[0]
