@@ -18,7 +18,7 @@ import time
 import jax
 from absl import app, flags
 
-from experiments import common, mnist_lenet
+from experiments import common, config, mnist_lenet
 from tdu_jax import calibrate, data, importance, models, train, units
 
 flags.DEFINE_integer("forget_class", 0, "Digit to forget.")
@@ -51,7 +51,8 @@ def main(argv):
     )  # fmt: skip
     table = mnist_lenet.DEFAULTS
     kwargs = dict(dataset="mnist", forget_train=forget,
-                  retain_train=calibrate.retain_sample(retain, common.SWEEP_RETAIN_SAMPLE, 0),
+                  retain_train=calibrate.subsample(
+                      retain, config.default("sweep_retain_sample"), 0),
                   imp=imp, spec=spec, top_ks=common.parse_number_list(
                       "sweep_top_k", table["sweep_top_k"], common.parse_top_k),
                   dts=common.parse_number_list("sweep_dt", table["sweep_dt"]),

@@ -103,6 +103,9 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_float("finetune_momentum", d("finetune_momentum"), "Fine-tune SGD momentum.")
     flags.DEFINE_float("finetune_weight_decay", d("finetune_weight_decay"),
                        "Fine-tune weight decay.")
+    flags.DEFINE_enum("finetune_schedule", d("finetune_schedule"), list(train.SCHEDULES),
+                      "Fine-tune learning-rate schedule over each fine-tuning call (cosine: "
+                      "down to 0 by its last batch).")
     flags.DEFINE_integer("batch_size", d("batch_size"), "Fine-tune batch size.")
     flags.DEFINE_integer("seed", d("seed"), "Seed of everything (base model, sample, batches).")
     flags.DEFINE_string("data_dir", d("data_dir"),
@@ -157,6 +160,10 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_integer("sweep_search_steps", d("sweep_search_steps"),
                          "Per K, halvings of the search for the gentlest dt that still brings "
                          "forget-train accuracy under --sweep_forget_max (0: the grid only).")
+    flags.DEFINE_integer("sweep_forget_sample", d("sweep_forget_sample"),
+                         "Forget-train images the calibration scores per point (0: all).")
+    flags.DEFINE_integer("sweep_retain_sample", d("sweep_retain_sample"),
+                         "Retain-train images the calibration scores per point (0: all).")
     flags.DEFINE_bool("calibrate_finetune", d("calibrate_finetune"),
                       "With --calibrate on a row that fine-tunes: keep the least damaging "
                       "sweep point whose forget-train accuracy stays under --sweep_forget_max "
@@ -270,6 +277,9 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ValueError(f"--sweep_dt values must be > 0; got {dt}")
     if cfg.sweep_search_steps < 0:
         raise ValueError(f"--sweep_search_steps must be >= 0; got {cfg.sweep_search_steps}")
+    for name in ("sweep_forget_sample", "sweep_retain_sample"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: all images); got {getattr(cfg, name)}")
     for name in ("batch_size", "train_batch_size", "unit_chunk", "sample_batch",
                  "retain_sample_size"):  # fmt: skip
         if getattr(cfg, name) < 1:
@@ -400,7 +410,7 @@ def unlearn_config(cfg: ExperimentConfig, retain_size: int | None) -> unlearn.Un
         finetune_optimizer=train.OptimizerConfig(
             name=cfg.finetune_optimizer, learning_rate=cfg.finetune_lr,
             momentum=cfg.finetune_momentum, weight_decay=cfg.finetune_weight_decay,
-            schedule="constant",
+            schedule=cfg.finetune_schedule,
         ),
         batch_size=cfg.batch_size, augment=cfg.augment,
         evaluate_each_step=cfg.evaluate_each_step, unit_chunk=cfg.unit_chunk,
@@ -640,7 +650,7 @@ def importance_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Sp
 def retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:
     """Seeded retain-class images scored by the selective importance score."""
     _, retain = data.forget_retain(train_split, cfg.forget_class)
-    return calibrate.retain_sample(retain, cfg.retain_sample_size, cfg.seed)
+    return calibrate.subsample(retain, cfg.retain_sample_size, cfg.seed)
 
 
 def compute_importance(cfg, model, params, batch_stats, train_split, spec):
@@ -694,11 +704,11 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec,
                     retain_all_points: bool = False) -> dict:  # fmt: skip
     """The train-split sweep of (K, dt) for cfg's request (``tdu_jax.calibrate``); retain
     accuracy only where the rule needs it unless ``retain_all_points``."""
-    forget, retain = data.forget_retain(train_split, cfg.forget_class)
+    forget, retain = sweep_samples(cfg, train_split)
     start = time.perf_counter()
     sweep = calibrate.sweep_decay(
         model, params, batch_stats, dataset=cfg.dataset, forget_train=forget,
-        retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0), imp=imp,
+        retain_train=retain, imp=imp,
         spec=spec, top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, lam=cfg.lam,
         decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps, retain_all_points=retain_all_points,
@@ -732,9 +742,10 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
         return result.params, result.batch_stats
 
     start = time.perf_counter()
+    scored_forget, scored_retain = sweep_samples(cfg, train_split)
     confirmed = calibrate.confirm_after_finetune(
-        model, sweep=sweep, run=run, dataset=cfg.dataset, forget_train=forget,
-        retain_train=calibrate.retain_sample(retain, SWEEP_RETAIN_SAMPLE, 0),
+        model, sweep=sweep, run=run, dataset=cfg.dataset, forget_train=scored_forget,
+        retain_train=scored_retain,
     )  # fmt: skip
     confirmed["confirm_seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
@@ -751,7 +762,12 @@ def _empty(split: data.Split) -> data.Split:
     return data.Split(split.images[:0], split.labels[:0])
 
 
-SWEEP_RETAIN_SAMPLE = 10000  # retain-train images scored per sweep point
+def sweep_samples(cfg: ExperimentConfig, train_split: data.Split) -> tuple[data.Split, ...]:
+    """The forget- and retain-train images the calibration scores at every point: seeded
+    subsets of --sweep_forget_sample and --sweep_retain_sample images (0: all)."""
+    forget, retain = data.forget_retain(train_split, cfg.forget_class)
+    return (calibrate.subsample(forget, cfg.sweep_forget_sample, 0),
+            calibrate.subsample(retain, cfg.sweep_retain_sample, 0))  # fmt: skip
 
 
 def accuracies(model, params, batch_stats, cfg, train_split, test_split) -> tuple[dict, list]:
@@ -811,9 +827,20 @@ LOCATION_SETTINGS = ("workdir", "data_dir")
 def resume_key(config: dict) -> str:
     """What makes two recorded configs the same run: every setting but the locations. With
     ``calibrate`` on, K and dt are the calibration's output (a row that fine-tunes may move
-    them), so they are left out too."""
+    them), so they are left out too. A setting at its generic default counts as absent, so a
+    result recorded before that setting existed (it behaved as the default) still resumes."""
     drop = LOCATION_SETTINGS + (("top_k", "dt") if config.get("calibrate") else ())
-    return checkpoint.config_key({k: v for k, v in config.items() if k not in drop})
+    return checkpoint.config_key({k: v for k, v in config.items()
+                                  if k not in drop and not _at_default(k, v)})  # fmt: skip
+
+
+def _at_default(name: str, value) -> bool:
+    """Whether ``value`` (as recorded: tuples as lists) is setting ``name``'s generic default."""
+    try:
+        default = config.default(name)
+    except KeyError:  # a table-wide choice, or a setting this version does not have
+        return False
+    return (list(default) if isinstance(default, tuple) else default) == value
 
 
 def _public(cfg: ExperimentConfig) -> dict:

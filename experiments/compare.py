@@ -70,6 +70,7 @@ def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
             retain_sample_size=cfg.retain_sample_size, calibrate=cfg.calibrate,
             sweep_top_k=cfg.sweep_top_k, sweep_dt=cfg.sweep_dt,
             sweep_forget_max=cfg.sweep_forget_max, sweep_search_steps=cfg.sweep_search_steps,
+            sweep_retain_size=cfg.sweep_retain_sample, sweep_forget_size=cfg.sweep_forget_sample,
             calibrate_finetune=cfg.calibrate_finetune),
         "ft": finetune.FTConfig(batch_size=batch, augment=aug),
         "ga": finetune.GAConfig(batch_size=batch, augment=aug),

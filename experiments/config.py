@@ -69,6 +69,7 @@ class ExperimentConfig:
     finetune_lr: float
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 5e-4
+    finetune_schedule: str = "constant"  # "constant", "cosine" or "onecycle"
     batch_size: int = 128  # fine-tune batch size
     # Calibration of K and dt on the training split (tdu_jax.calibrate).
     calibrate: bool = False
@@ -76,6 +77,8 @@ class ExperimentConfig:
     sweep_dt: tuple[float, ...] = (0.25, 0.5, 1.0)  # dt values tried
     sweep_forget_max: float = 5.0  # forget-train accuracy ceiling, percent
     sweep_search_steps: int = 0  # per K, halvings of the gentlest-silencing Δt search
+    sweep_forget_sample: int = 0  # forget-train images scored per sweep point; 0: all
+    sweep_retain_sample: int = 10000  # retain-train images scored per sweep point; 0: all
     calibrate_finetune: bool = True  # confirm through the row's own fine-tuning
     # Reporting.
     evaluate_each_step: bool = True  # evaluate on test after every decay step

@@ -286,8 +286,9 @@ def confirm_after_finetune(
     return choose_after_finetune(sweep, after)
 
 
-def retain_sample(retain_train: data.Split, size: int, seed: int) -> data.Split:
-    """A seeded random subset of ``size`` retain images (all of them if fewer)."""
-    if retain_train.size <= size:
-        return retain_train
-    return data.random_fraction(retain_train, size / retain_train.size, seed)
+def subsample(split: data.Split, size: int, seed: int) -> data.Split:
+    """A seeded random subset of ``size`` images of ``split`` (all of them if fewer, or if
+    ``size`` is 0)."""
+    if size == 0 or split.size <= size:
+        return split
+    return data.random_fraction(split, size / split.size, seed)

@@ -270,3 +270,11 @@ def test_sweep_scores_retain_only_where_the_rule_needs_it_and_chooses_the_same(f
 def test_choose_fallback_ignores_unscored_retain_of_worse_points():
     points = _points((10, 9.0, None), (20, 7.0, 80.0), (30, 7.0, 85.0), (40, 8.0, None))
     assert calibrate.choose(points, 5.0)["top_k"] == 30
+
+
+def test_subsample_is_seeded_and_zero_means_all():
+    split = data.Split(np.zeros((50, 2, 2, 1), np.uint8), np.arange(50, dtype=np.int32))
+    assert calibrate.subsample(split, 0, 0) is split and calibrate.subsample(split, 80, 0) is split
+    a, b = calibrate.subsample(split, 20, 3), calibrate.subsample(split, 20, 3)
+    assert a.size == 20 and len(set(a.labels.tolist())) == 20
+    np.testing.assert_array_equal(a.labels, b.labels)

@@ -6,9 +6,11 @@ scores, retrained models and finished results are found by hashes of ``as_record
 of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs=1
 --workdir=/tmp/tc_ref --nocompare_retrain``, and ``_public(config_from_flags("cifar10"))`` of
 ``cifar_ship --workdir=/tmp/tc_ref``), so they pin key names, values, order and hashes.
-Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session) were
-added to them by hand: they change the result key, as a new calibration rule must, but not the
-base-model or retrained-model keys, which are pinned unchanged.
+Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session, the
+sweep sample sizes and fine-tune schedule of the sixth) were added to them by hand: they change
+the record's hash, but not the base-model or retrained-model keys, which are pinned unchanged;
+a new setting at its default does not change the resume key (``common.resume_key``), so
+results recorded before it existed still resume.
 """
 
 import dataclasses
@@ -31,13 +33,15 @@ LENET_RECORD = {
     "compare_retrain": False, "compute_dtype": "float32", "data_dir": None, "decay_steps": 7,
     "dt": 0.25, "evaluate_each_step": True, "exclude": None, "finetune": "none",
     "finetune_batches": 0, "finetune_epochs": 0.0, "finetune_lr": 0.01,
-    "finetune_momentum": 0.9, "finetune_optimizer": "sgd", "finetune_weight_decay": 0.0005,
+    "finetune_momentum": 0.9, "finetune_optimizer": "sgd", "finetune_schedule": "constant",
+    "finetune_weight_decay": 0.0005,
     "forget_class": [0], "granularity": "weight", "importance_data": "forget",
     "importance_fraction": 1.0, "importance_score": "forget", "include": None,
     "include_bn": True, "max_test_examples": 200, "max_train_examples": 512, "model": "lenet",
     "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_search_steps": 6,
+    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_forget_sample": 0,
+    "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "train_batch_size": 128,
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
     "train_optimizer": "adam", "train_schedule": "cosine", "train_weight_decay": 0.0,
@@ -52,19 +56,23 @@ CIFAR_RECORD = {
     "compare_retrain": False, "compute_dtype": "float32", "data_dir": None, "decay_steps": 16,
     "dt": 1.0, "evaluate_each_step": True, "exclude": None, "finetune": "none",
     "finetune_batches": 0, "finetune_epochs": 0.0, "finetune_lr": 0.01,
-    "finetune_momentum": 0.9, "finetune_optimizer": "sgd", "finetune_weight_decay": 0.0005,
+    "finetune_momentum": 0.9, "finetune_optimizer": "sgd", "finetune_schedule": "constant",
+    "finetune_weight_decay": 0.0005,
     "forget_class": [8], "granularity": "filter", "importance_data": "forget",
     "importance_fraction": 1.0, "importance_score": "forget", "include": None,
     "include_bn": True, "max_test_examples": 0, "max_train_examples": 0, "model": "resnet18",
     "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_search_steps": 6,
+    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_forget_sample": 0,
+    "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "train_batch_size": 128,
     "train_epochs": 20, "train_label_smoothing": 0.0, "train_lr": 0.1, "train_momentum": 0.9,
     "train_optimizer": "sgd", "train_schedule": "onecycle", "train_weight_decay": 0.0005,
     "unit_chunk": 32, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
+# Settings added after results were recorded, here at their defaults (sixth session).
+NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule")
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -101,9 +109,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("f787106bf97c4517", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("330e2bcf38506033", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("9728016a907fb157", "67a34703f4e413dd",
+         ("8919b09dc99cdf1b", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -114,6 +122,9 @@ def test_default_flags_record_and_hash_as_before(entry, dataset, argv, chosen, r
     assert json.dumps(got["public"]) == json.dumps(record)
     # ... so the same result, base-checkpoint and retrained-model keys (workdirs are reused).
     assert (got["result_key"], got["base_key"], got["retrain_dir"]) == keys
+    # A result recorded before the sweep sample settings existed resumes as the same run.
+    older = {k: v for k, v in record.items() if k not in NEW_AT_DEFAULT}
+    assert common.resume_key(older) == common.resume_key(got["public"])
     # One field per flag (--lambda is lam), plus dataset and row from the entry point.
     settings = {"lam" if f == "lambda" else f for f in got["flags"]} | {"dataset", "row"}
     assert settings == {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -180,3 +191,10 @@ def test_parse_number_list_names_the_flag():
     assert common.parse_number_list("sweep_top_k", "300,0.1", common.parse_top_k) == (300, 0.1)
     with pytest.raises(ValueError, match="--sweep_dt must be a comma list of numbers; got 'a,1'"):
         common.parse_number_list("sweep_dt", "a,1")
+
+
+def test_finetune_schedule_reaches_the_finetune_optimizer():
+    cfg = ExperimentConfig.from_record(LENET_RECORD)
+    assert common.unlearn_config(cfg, 1000).finetune_optimizer.schedule == "constant"
+    cosine = dataclasses.replace(cfg, finetune_schedule="cosine")
+    assert common.unlearn_config(cosine, 1000).finetune_optimizer.schedule == "cosine"

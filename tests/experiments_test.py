@@ -397,9 +397,11 @@ def test_config_precedence_preset_vs_explicit_flags(tmp_path):
         (["--top_k=10000000"], "--top_k must be a count in 1..61706"),
         (["--include=nomatch"], "--include"),
         (["--train_lr=0"], "--train_lr"),
+        (["--sweep_forget_sample=-1"], "--sweep_forget_sample must be >= 0"),
     ],
     ids=["preset", "forget_class", "finetune_conflict", "importance_fraction", "top_k",
-         "lambda", "dt", "model", "workdir", "top_k_units", "include", "train_lr"],
+         "lambda", "dt", "model", "workdir", "top_k_units", "include", "train_lr",
+         "sweep_forget_sample"],
 )  # fmt: skip
 def test_invalid_flags_fail_fast(args, needle, tmp_path):
     workdir = tmp_path / "runs"

@@ -79,3 +79,17 @@ def test_unwritable_cache_dir_is_refused_by_its_flag_name(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="--cache_dir .* is not a directory"):
         common.validate_config(_config(tmp_path, cache_dir=str(blocker / "cache")))
+
+
+def test_a_setting_at_its_default_is_the_same_run_as_one_recorded_before_it_existed():
+    record = {"dataset": "mnist", "seed": 0, "lam": 0.1, "train_epochs": 8,
+              "sweep_retain_sample": 10000, "sweep_forget_sample": 0}  # fmt: skip
+    older = {k: v for k, v in record.items() if not k.startswith("sweep_")}
+    assert common.resume_key(older) == common.resume_key(record)
+    # A non-default value is another run; so is another value of a table-wide choice.
+    assert common.resume_key(older) != common.resume_key({**record, "sweep_forget_sample": 500})
+    assert common.resume_key(record) != common.resume_key({**record, "train_epochs": 9})
+    # A generic default given explicitly is the same run as the default left implicit,
+    # tuples and lists alike; a setting this version does not know is kept in the key.
+    assert common.resume_key({**older, "sweep_dt": [0.25, 0.5, 1.0]}) == common.resume_key(older)
+    assert common.resume_key({**older, "gone_setting": 1}) != common.resume_key(older)

@@ -40,7 +40,8 @@ class DecayConfig(NamedTuple):
     sweep_dt: tuple = (0.25, 0.5, 1.0)
     sweep_forget_max: float = 5.0
     sweep_search_steps: int = 0  # per K, the gentlest silencing dt (calibrate.search_dt)
-    sweep_retain_size: int = 10000
+    sweep_retain_size: int = 10000  # retain-train images scored per sweep point (0: all)
+    sweep_forget_size: int = 0  # forget-train images scored per sweep point (0: all)
     # With calibrate and fine-tuning: confirm the point through the run's own fine-tuning
     # (calibrate.confirm_after_finetune), so the class does not come back.
     calibrate_finetune: bool = True
@@ -95,7 +96,7 @@ def decay(
         retain_train=data_in.retain_train,
         test=base.empty_split(data_in.retain_train),
         forget_classes=tuple(data_in.forget_classes),
-        retain_sample=calibrate.retain_sample(data_in.retain_train, config.retain_sample_size, seed)
+        retain_sample=calibrate.subsample(data_in.retain_train, config.retain_sample_size, seed)
         if selective_score
         else None,
     )
@@ -105,9 +106,10 @@ def decay(
         precomputed, spec = unlearn.request_importance(
             model, params, batch_stats, dataset=dataset, data_in=unlearn_data, config=ucfg
         )
-        scored = calibrate.retain_sample(data_in.retain_train, config.sweep_retain_size, seed)
+        scored = calibrate.subsample(data_in.retain_train, config.sweep_retain_size, seed)
+        scored_forget = calibrate.subsample(data_in.forget_train, config.sweep_forget_size, seed)
         sweep = calibrate.sweep_decay(
-            model, params, batch_stats, dataset=dataset, forget_train=data_in.forget_train,
+            model, params, batch_stats, dataset=dataset, forget_train=scored_forget,
             retain_train=scored, imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
             dts=config.sweep_dt, lam=ucfg.lam, decay_steps=ucfg.decay_steps,
             forget_max=config.sweep_forget_max, search_steps=config.sweep_search_steps,
@@ -124,7 +126,7 @@ def decay(
 
             sweep = calibrate.confirm_after_finetune(
                 model, sweep=sweep, run=run, dataset=dataset,
-                forget_train=data_in.forget_train, retain_train=scored,
+                forget_train=scored_forget, retain_train=scored,
             )  # fmt: skip
         ucfg = ucfg._replace(**sweep["chosen"])
     result = unlearn.unlearn(
