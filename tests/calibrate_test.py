@@ -135,8 +135,11 @@ def test_choose_after_finetune_finds_the_least_damaging_point_that_holds(first_h
     assert out["chosen"]["top_k"] == _linear_reference(sweep, after_forget) == expected
     assert out["confirmed"]
     assert 70 not in calls  # never silenced before fine-tuning: not a candidate
-    assert calls[0] == 60  # the most damaging candidate first
-    assert len(calls) == len(set(calls)) <= 1 + 3  # bisection over 6: at most 1 + ceil(log2 6)
+    # Bisection over 6: at most 1 + ceil(log2 6) runs; the most damaging candidate (60) is
+    # run only when nothing gentler holds.
+    assert len(calls) == len(set(calls)) <= 1 + 3
+    assert (60 in calls) == (first_holding == 5)
+    assert len(calls) <= 3 or first_holding == 5
     assert [p["top_k"] for p in out["tried"]] == sorted(calls)
 
 
@@ -147,7 +150,7 @@ def test_choose_after_finetune_without_a_holding_point_takes_the_lowest_forget_a
         sweep, lambda p: {"forget_train_acc": after_forget[p["top_k"]], "retain_train_acc": 99.0}
     )
     assert not out["confirmed"]
-    assert out["chosen"]["top_k"] == 30  # the only point tried: the most damaging one failed
+    assert out["chosen"]["top_k"] == 30  # every tried point failed; 30 is the least bad after
     assert out["chosen_point"]["forget_train_acc_after"] == 12.0
 
 
