@@ -30,8 +30,8 @@ def block(results: list[dict], title: str, sources: list[str]) -> str:
             parts = [fr.mean_std(fr.values(group, src, key))
                      for src in ("final", "retrained", "control")]  # fmt: skip
             cells.append(" / ".join(parts))
-        cost = fr.mean_std([100 * r["cost_ratio"] for r in group if r.get("cost_ratio")])
-        lines.append(f"| {row} | {len(group)} | " + " | ".join(cells) + f" | {cost} |")
+        lines.append(f"| {row} | {len(group)} | " + " | ".join(cells)
+                     + f" | {fr.cost_text(group)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

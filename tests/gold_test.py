@@ -89,6 +89,22 @@ def test_forgetting_markdown_means_and_goal_counts():
     assert "| cost_ratio <= 0.3 | 1/2 |" in text
     assert "0/2" in text  # mia_svc: the control is never separated
     assert "PARTIAL" in forgetting_report.forgetting_markdown(results, "t", partial=True)
+    assert "in %: 30.00 ± 14.14\n" in text  # 20 and 40
+
+
+def test_cost_counts_only_results_that_timed_their_calibration():
+    timed = _result("L1", 0, 0, 0.5, 0.0, 59.0, 0.9)
+    timed["config"]["calibrate"], timed["timings"] = True, {"calibration": 100.0}
+    older = _result("L1", 7, 0, 0.5, 0.0, 59.0, 0.1)  # calibrated, seconds not recorded
+    older["config"]["calibrate"], older["timings"] = True, {"importance": 5.0}
+    fixed = _result("L1", 3, 0, 0.5, 0.0, 59.0, 0.2)  # K and dt given: nothing to time
+    assert [forgetting_report.counts_calibration(r) for r in (timed, older, fixed)] == [
+        True, False, True]  # fmt: skip
+    assert forgetting_report.cost_text([timed, older, fixed]) == (
+        "55.00 ± 49.50 (over 2 requests; 1 recorded without calibration seconds)")
+    assert forgetting_report.cost_text([timed]) == "90.00"
+    goal = forgetting_report.Goal("", "cost", 0.5)
+    assert [goal.met(r) for r in (timed, older, fixed)] == [False, None, True]
 
 
 @pytest.mark.parametrize("kind,value,ref,expected", [
