@@ -82,6 +82,9 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_string("top_k", d("top_k"), "K: a count (e.g. 1000) or a fraction (0.05).")
     flags.DEFINE_enum("granularity", d("granularity"), list(units.GRANULARITIES), "Unit kind.")
     flags.DEFINE_enum("selection", d("selection"), list(decay.SELECTIONS), "top-K or random-K.")
+    flags.DEFINE_enum("topk_budget", d("topk_budget"), list(decay.TOPK_BUDGETS),
+                      "global: K over all units; per_layer: each layer's share of K in "
+                      "proportion to its unit count, its most important units first.")
     flags.DEFINE_enum("importance_data", d("importance_data"), ["forget", "all"],
                       "Importance sample pool.")
     flags.DEFINE_float("importance_fraction", d("importance_fraction"),
@@ -303,6 +306,7 @@ _UNLEARN_FLAGS = {"lambda": "lambda", "lam": "lambda", "dt": "dt", "decay_steps"
                   "top_k": "top_k", "selection": "selection", "finetune": "finetune",
                   "finetune_batches": "finetune_batches", "batch_size": "batch_size",
                   "selective_beta": "selective_beta", "granularity": "granularity",
+                  "topk_budget": "topk_budget",
                   "importance_score": "importance_score"}  # fmt: skip
 _OPTIMIZER_FLAGS = {"OptimizerConfig.name": "optimizer", "OptimizerConfig.learning_rate": "lr",
                     "OptimizerConfig.momentum": "momentum", "OptimizerConfig.schedule": "schedule",
@@ -404,6 +408,7 @@ def unlearn_config(cfg: ExperimentConfig, retain_size: int | None) -> unlearn.Un
         batches = 1  # placeholder for validation before the data is loaded
     return unlearn.UnlearnConfig(
         granularity=cfg.granularity, top_k=cfg.top_k, selection=cfg.selection,
+        topk_budget=cfg.topk_budget,
         lam=cfg.lam, dt=cfg.dt, decay_steps=cfg.decay_steps,
         reestimate=cfg.reestimate, include=cfg.include, exclude=cfg.exclude,
         include_bn=cfg.include_bn, finetune=cfg.finetune, finetune_batches=batches,
@@ -712,6 +717,7 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec,
         spec=spec, top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, lam=cfg.lam,
         decay_steps=cfg.decay_steps, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps, retain_all_points=retain_all_points,
+        budget=cfg.topk_budget,
     )  # fmt: skip
     sweep["seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration chose %s (%s)", sweep["chosen"], sweep["chosen_point"])

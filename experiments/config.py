@@ -56,6 +56,7 @@ class ExperimentConfig:
     unit_chunk: int = 256  # units per importance call (bounds memory)
     sample_batch: int = 1024  # images per importance call (bounds memory)
     selection: str = "topk"  # "topk" or "random"
+    topk_budget: str = "global"  # "global" or "per_layer" (tdu_jax.decay.rank_units)
     top_k: int | float  # K: a count (int) or a fraction of the units in (0, 1] (float)
     # Decay.
     lam: float = 0.1  # decay rate lambda (>= 0), the --lambda flag

@@ -61,7 +61,8 @@ GOALS = {
 
 def shares_importance(row_cfg: ExperimentConfig, cfg: ExperimentConfig) -> bool:
     keys = ("importance_data", "importance_fraction", "granularity", "include", "exclude",
-            "include_bn", "importance_score", "selective_beta", "retain_sample_size")  # fmt: skip
+            "include_bn", "importance_score", "selective_beta", "retain_sample_size",
+            "topk_budget")  # fmt: skip
     return (
         row_cfg.selection == "topk"
         and not row_cfg.reestimate

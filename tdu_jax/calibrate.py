@@ -86,6 +86,7 @@ def sweep_decay(
     forget_max: float = 5.0,
     search_steps: int = 0,
     retain_all_points: bool = False,
+    budget: str = "global",
 ) -> dict:
     """Scores every (K, Δt) of the grid with ``decay_steps`` steps of rate ``lam``, and with
     ``search_steps > 0`` each K's gentlest silencing Δt (``search_dt``).
@@ -105,6 +106,7 @@ def sweep_decay(
       search_steps: halvings of each K's Δt search (0: the grid only).
       retain_all_points: score retain accuracy at every point, not only where the rule
         needs it (points with forget-train accuracy <= ``forget_max``).
+      budget: how each top-K is spread over layers (``decay.rank_units``).
 
     Returns:
       {"points": [{"top_k", "dt", "units", "forget_train_acc", "retain_train_acc",
@@ -119,7 +121,7 @@ def sweep_decay(
     decay.check_decay_args(lam, min(dts), decay_steps)
     points, decayed_at = [], {}
     for k in top_ks:
-        selected = decay.select_top_k(imp, k)
+        selected = decay.select_top_k(imp, k, budget, spec)
         mask = units.unit_mask(params, spec, selected)
         decayed_at[k] = lambda dt, mask=mask: decay.decay(params, mask, lam, dt, decay_steps)
 

@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdu_jax.importance import Importance
-from tdu_jax.units import check_mask_structure
+from tdu_jax.units import UnitSpec, check_mask_structure, locate
 
 PyTree = Any
 SELECTIONS = ("topk", "random")
+# How a top-K is spread over layers: "global" ranks every unit against every other;
+# "per_layer" gives each layer a share of K in proportion to its unit count.
+TOPK_BUDGETS = ("global", "per_layer")
 
 
 def resolve_k(k: int | float, num_units: int) -> int:
@@ -35,20 +38,49 @@ def resolve_k(k: int | float, num_units: int) -> int:
     return int(k)
 
 
-def rank_units(importance: Importance) -> np.ndarray:
+def check_topk_budget(budget: str) -> str:
+    if budget not in TOPK_BUDGETS:
+        raise ValueError(f"topk_budget must be one of {', '.join(TOPK_BUDGETS)}; got {budget!r}")
+    return budget
+
+
+def rank_units(
+    importance: Importance, budget: str = "global", spec: UnitSpec | None = None
+) -> np.ndarray:
     """Unit indices from most to least important.
 
-    Order: accuracy drop (descending), then cross-entropy increase (descending),
-    then unit index (ascending), so the ranking is deterministic.
+    Order (``budget="global"``): accuracy drop (descending), then cross-entropy increase
+    (descending), then unit index (ascending), so the ranking is deterministic.
+
+    With ``budget="per_layer"`` (needs ``spec``) every layer keeps that order among its own
+    units, and the layers are interleaved by rank within the layer over the layer's scored
+    unit count (ties: the global order above), so the first K units take about
+    K x (layer units / all units) from every layer: a layer with many units the class relies
+    on cannot fill the whole budget. With K below the number of layers, the most important
+    of the layers' top units are taken.
     """
+    check_topk_budget(budget)
+    if budget == "per_layer" and spec is None:
+        raise ValueError("topk_budget=per_layer needs the unit spec (which layer holds a unit)")
     order = np.lexsort((importance.units, -importance.loss_increase, -importance.accuracy_drop))
-    return importance.units[order]
+    ranked = importance.units[order]
+    if budget == "global":
+        return ranked
+    layer, _ = locate(spec, ranked)
+    position = np.empty(ranked.size, dtype=np.int64)  # rank within the unit's own layer
+    for index in np.unique(layer):
+        in_layer = layer == index
+        position[in_layer] = np.arange(in_layer.sum())
+    share = position / np.bincount(layer)[layer]  # in [0, 1): how far down its own layer
+    return ranked[np.argsort(share, kind="stable")]  # equal shares keep the global order
 
 
-def select_top_k(importance: Importance, k: int | float) -> np.ndarray:
-    """The K most important units (sorted by unit index)."""
+def select_top_k(
+    importance: Importance, k: int | float, budget: str = "global", spec: UnitSpec | None = None
+) -> np.ndarray:
+    """The K most important units (sorted by unit index); ``budget``: see ``rank_units``."""
     count = resolve_k(k, importance.units.size)
-    return np.sort(rank_units(importance)[:count])
+    return np.sort(rank_units(importance, budget, spec)[:count])
 
 
 def select_random_k(key: jax.Array, num_units: int, k: int | float) -> np.ndarray:

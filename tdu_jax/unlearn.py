@@ -42,6 +42,7 @@ class UnlearnConfig(NamedTuple):
     granularity: str = "weight"
     top_k: int | float = 1000  # count, or fraction of units as a float in (0, 1]
     selection: str = "topk"  # "topk" | "random"
+    topk_budget: str = "global"  # "global" | "per_layer": K over layers (decay.rank_units)
     lam: float = 0.1  # decay rate lambda
     dt: float = 1.0  # time per decay step
     decay_steps: int = 7
@@ -93,6 +94,7 @@ def validate_unlearn_config(config: UnlearnConfig, num_units: int | None = None)
         raise ValueError(
             f"selection must be one of {', '.join(decay.SELECTIONS)}; got {config.selection!r}"
         )
+    decay.check_topk_budget(config.topk_budget)
     decay.check_decay_args(config.lam, config.dt, config.decay_steps)
     if num_units is not None:
         decay.resolve_k(config.top_k, num_units)
@@ -303,7 +305,9 @@ def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
     if setup.precomputed is not None and state.step == 0 and state.finetune_batches == 0:
         if setup.precomputed.units.size != setup.spec.num_units:
             raise ValueError("precomputed importance does not cover every unit of params")
-        selected = decay.select_top_k(setup.precomputed, config.top_k)
+        selected = decay.select_top_k(
+            setup.precomputed, config.top_k, config.topk_budget, setup.spec
+        )
         return state._replace(selected=selected, importance=setup.precomputed)
     start = time.perf_counter()
     imp = _score(setup, state, setup.sample_x, setup.sample_y)
@@ -314,7 +318,7 @@ def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
         )
         imp = selective.selective_importance(imp, retain_imp, config.selective_beta)
     timings = _add_seconds(state.timings, "importance", start)
-    selected = decay.select_top_k(imp, config.top_k)
+    selected = decay.select_top_k(imp, config.top_k, config.topk_budget, setup.spec)
     return state._replace(selected=selected, importance=imp, timings=timings)
 
 

@@ -281,3 +281,22 @@ def test_subsample_is_seeded_and_zero_means_all():
     a, b = calibrate.subsample(split, 20, 3), calibrate.subsample(split, 20, 3)
     assert a.size == 20 and len(set(a.labels.tolist())) == 20
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_sweep_decay_spreads_k_over_layers_with_the_per_layer_budget():
+    model, params, bs, forget, retain = _tiny_request()
+    spec = units.enumerate_units(params, "weight", include="dense")
+    imp = _imp(np.linspace(1, 0, spec.num_units), np.zeros(spec.num_units))
+    kwargs = dict(dataset="mnist", forget_train=forget, retain_train=retain, imp=imp,
+                  spec=spec, top_ks=[0.1], dts=[30.0], lam=0.1, decay_steps=3,
+                  retain_all_points=True)  # fmt: skip
+    point = calibrate.sweep_decay(model, params, bs, budget="per_layer", **kwargs)["points"][0]
+    selected = decay.select_top_k(imp, 0.1, "per_layer", spec)
+    assert set(units.locate(spec, selected)[0]) == set(range(len(spec.layers)))
+    by_hand = decay.decay(params, units.unit_mask(params, spec, selected), 0.1, 30.0, 3)
+    pred = metrics.predict(model, by_hand, bs, retain.images, dataset="mnist")
+    assert point["retain_train_acc"] == pytest.approx(metrics.accuracy(pred, retain.labels))
+    # The global budget takes the first 10% of units (all in the first dense layer here).
+    glob = calibrate.sweep_decay(model, params, bs, **kwargs)["points"][0]
+    assert set(units.locate(spec, decay.select_top_k(imp, 0.1))[0]) == {0}
+    assert glob["units"] == point["units"]

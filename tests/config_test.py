@@ -7,10 +7,11 @@ of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs
 --workdir=/tmp/tc_ref --nocompare_retrain``, and ``_public(config_from_flags("cifar10"))`` of
 ``cifar_ship --workdir=/tmp/tc_ref``), so they pin key names, values, order and hashes.
 Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session, the
-sweep sample sizes and fine-tune schedule of the sixth) were added to them by hand: they change
-the record's hash, but not the base-model or retrained-model keys, which are pinned unchanged;
-a new setting at its default does not change the resume key (``common.resume_key``), so
-results recorded before it existed still resume.
+sweep sample sizes and fine-tune schedule of the sixth, the top-K budget of the eighth) were
+added to them by hand: they change the record's hash, but not the base-model or
+retrained-model keys, which are pinned unchanged; a new setting at its default does not
+change the resume key (``common.resume_key``), so results recorded before it existed still
+resume.
 """
 
 import dataclasses
@@ -42,7 +43,8 @@ LENET_RECORD = {
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
     "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
-    "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "train_batch_size": 128,
+    "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "global",
+    "train_batch_size": 128,
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
     "train_optimizer": "adam", "train_schedule": "cosine", "train_weight_decay": 0.0,
     "unit_chunk": 256, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1, "dataset": "mnist",
@@ -65,14 +67,17 @@ CIFAR_RECORD = {
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
     "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
-    "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "train_batch_size": 128,
+    "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "topk_budget": "global",
+    "train_batch_size": 128,
     "train_epochs": 20, "train_label_smoothing": 0.0, "train_lr": 0.1, "train_momentum": 0.9,
     "train_optimizer": "sgd", "train_schedule": "onecycle", "train_weight_decay": 0.0005,
     "unit_chunk": 32, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
-# Settings added after results were recorded, here at their defaults (sixth session).
-NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule")
+# Settings added after results were recorded, here at their defaults (sixth and eighth
+# sessions).
+NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule",
+                  "topk_budget")  # fmt: skip
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -109,9 +114,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("330e2bcf38506033", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("82e56446e57a875d", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("8919b09dc99cdf1b", "67a34703f4e413dd",
+         ("625ad383e2f1a2bc", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],

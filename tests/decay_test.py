@@ -127,6 +127,54 @@ def test_rank_units_matches_sorted_reference():
     np.testing.assert_array_equal(decay.rank_units(imp), reference)
 
 
+def _two_layer_spec():
+    """Layer "a" holds units 0-1, layer "b" units 2-5."""
+    return units.enumerate_units({"a": {"kernel": jnp.zeros((1, 2))},
+                                  "b": {"kernel": jnp.zeros((2, 2))}}, "weight")  # fmt: skip
+
+
+def test_per_layer_budget_by_hand():
+    spec = _two_layer_spec()
+    assert [(layer.offset, layer.num_units) for layer in spec.layers] == [(0, 2), (2, 4)]
+    imp = _importance([5.0, 4.0, 10.0, 9.0, 8.0, 7.0], np.zeros(6))
+    np.testing.assert_array_equal(decay.rank_units(imp), [2, 3, 4, 5, 0, 1])
+    # Rank within layer / layer size: a: 0 -> 0, 1 -> 1/2; b: 2 -> 0, 3 -> 1/4, 4 -> 2/4,
+    # 5 -> 3/4; equal shares keep the global order (2 before 0, 4 before 1).
+    np.testing.assert_array_equal(decay.rank_units(imp, "per_layer", spec), [2, 0, 3, 4, 1, 5])
+    # K = 1, below the number of layers: the more important of the two layers' top units.
+    np.testing.assert_array_equal(decay.select_top_k(imp, 1, "per_layer", spec), [2])
+    # K = 3 of 6 units: one of a's two, two of b's four.
+    np.testing.assert_array_equal(decay.select_top_k(imp, 3, "per_layer", spec), [0, 2, 3])
+    np.testing.assert_array_equal(decay.select_top_k(imp, 3), [2, 3, 4])
+
+
+def test_per_layer_budget_keeps_each_layers_order_and_its_share():
+    params = _params(2)
+    spec = units.enumerate_units(params, "weight")
+    rng = np.random.default_rng(4)
+    acc = rng.integers(0, 5, spec.num_units).astype(np.float64)
+    loss = np.round(rng.normal(size=spec.num_units), 1)
+    imp = _importance(acc, loss)
+    global_order = list(decay.rank_units(imp))
+    for k in range(1, spec.num_units + 1):
+        chosen = decay.select_top_k(imp, k, "per_layer", spec)
+        assert chosen.size == k
+        for layer in spec.layers:
+            mine = [u for u in global_order if layer.offset <= u < layer.offset + layer.num_units]
+            taken = [u for u in mine if u in set(chosen)]
+            assert taken == mine[: len(taken)]  # the layer's most important units first
+            share = k * layer.num_units / spec.num_units
+            assert abs(len(taken) - share) <= len(spec.layers)
+
+
+def test_topk_budget_errors():
+    imp = _importance([1.0, 2.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="topk_budget must be one of global, per_layer"):
+        decay.select_top_k(imp, 1, "layerwise")
+    with pytest.raises(ValueError, match="needs the unit spec"):
+        decay.rank_units(imp, "per_layer")
+
+
 def test_select_top_k_errors():
     imp = _importance([1.0, 2.0], [0.0, 0.0])
     with pytest.raises(ValueError, match=r"\[1, 2\]"):

@@ -220,6 +220,19 @@ def test_topk_selects_from_importance_of_the_input_model(setup):
     assert all(units.unit_name(spec, u).startswith("dense") for u in result.selected)
 
 
+def test_per_layer_budget_selects_from_every_layer(setup):
+    _, params, _, _ = setup
+    result = _run(setup, top_k=40, topk_budget="per_layer")
+    spec = _spec(params)
+    np.testing.assert_array_equal(
+        result.selected, decay.select_top_k(_importance(setup, params), 40, "per_layer", spec)
+    )
+    layers, _ = units.locate(spec, result.selected)
+    assert set(layers) == set(range(len(spec.layers)))  # every layer gets its share
+    with pytest.raises(ValueError, match="topk_budget must be one of"):
+        _run(setup, topk_budget="layers")
+
+
 def test_lambda_zero_changes_nothing(setup):
     _, params, batch_stats, _ = setup
     result = _run(setup, lam=0.0)

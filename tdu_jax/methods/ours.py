@@ -113,6 +113,7 @@ def decay(
             retain_train=scored, imp=precomputed, spec=spec, top_ks=config.sweep_top_k,
             dts=config.sweep_dt, lam=ucfg.lam, decay_steps=ucfg.decay_steps,
             forget_max=config.sweep_forget_max, search_steps=config.sweep_search_steps,
+            budget=ucfg.topk_budget,
         )  # fmt: skip
         if config.calibrate_finetune and ucfg.finetune != "none":
 
