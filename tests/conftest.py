@@ -13,12 +13,15 @@ _DEFAULT_TFDS_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "te
 def tfds_dir() -> str:
     """TFDS data directory with prepared `mnist` and `cifar10`; skips the test if absent.
 
-    Defaults to `<repo>/../shared/tensorflow_datasets`; override with $TDU_JAX_TEST_DATA_DIR.
+    The first that holds both of: $TDU_JAX_TEST_DATA_DIR, $TFDS_DATA_DIR (what README tells
+    users to set), `<repo>/../shared/tensorflow_datasets`.
     """
-    path = pathlib.Path(os.environ.get("TDU_JAX_TEST_DATA_DIR") or _DEFAULT_TFDS_DIR)
-    if not all((path / name).is_dir() for name in ("mnist", "cifar10")):
-        pytest.skip(
-            f"TFDS data directory {path} with mnist/ and cifar10/ not found; "
-            "set TDU_JAX_TEST_DATA_DIR to one."
-        )
-    return str(path)
+    names = ("TDU_JAX_TEST_DATA_DIR", "TFDS_DATA_DIR")
+    tried = [pathlib.Path(os.environ[n]) for n in names if os.environ.get(n)] + [_DEFAULT_TFDS_DIR]
+    for path in tried:
+        if all((path / name).is_dir() for name in ("mnist", "cifar10")):
+            return str(path)
+    pytest.skip(
+        f"no TFDS data directory with mnist/ and cifar10/ in {', '.join(map(str, tried))}; "
+        "set TDU_JAX_TEST_DATA_DIR or TFDS_DATA_DIR to one."
+    )
