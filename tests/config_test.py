@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from experiments import common, gold
+from experiments import common, config, gold
 from experiments.config import RECORD_ORDER, ExperimentConfig
 from tdu_jax import checkpoint
 
@@ -43,7 +43,7 @@ LENET_RECORD = {
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
     "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
-    "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "global",
+    "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "per_layer",
     "train_batch_size": 128,
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
     "train_optimizer": "adam", "train_schedule": "cosine", "train_weight_decay": 0.0,
@@ -114,7 +114,7 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("82e56446e57a875d", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("4b9781ae2149fd01", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
          ("625ad383e2f1a2bc", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
@@ -127,9 +127,15 @@ def test_default_flags_record_and_hash_as_before(entry, dataset, argv, chosen, r
     assert json.dumps(got["public"]) == json.dumps(record)
     # ... so the same result, base-checkpoint and retrained-model keys (workdirs are reused).
     assert (got["result_key"], got["base_key"], got["retrain_dir"]) == keys
-    # A result recorded before the sweep sample settings existed resumes as the same run.
+    # A result recorded before a setting existed ran at that setting's generic default: it
+    # resumes as today's run where the table keeps that default, and not where the table's
+    # default moved (LeNet's top-K budget is per_layer since the ninth session), unless the
+    # old value is asked for.
     older = {k: v for k, v in record.items() if k not in NEW_AT_DEFAULT}
-    assert common.resume_key(older) == common.resume_key(got["public"])
+    moved = {k: config.default(k) for k in NEW_AT_DEFAULT if record[k] != config.default(k)}
+    assert moved == ({"topk_budget": "global"} if dataset == "mnist" else {})
+    assert (common.resume_key(older) == common.resume_key(got["public"])) == (not moved)
+    assert common.resume_key(older) == common.resume_key({**got["public"], **moved})
     # One field per flag (--lambda is lam), plus dataset and row from the entry point.
     settings = {"lam" if f == "lambda" else f for f in got["flags"]} | {"dataset", "row"}
     assert settings == {f.name for f in dataclasses.fields(ExperimentConfig)}
