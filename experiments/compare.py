@@ -19,12 +19,16 @@ Hyper-parameters: each method's documented defaults (tdu_jax/methods), scaled to
 dataset (``method_configs``); ``decay`` sizes K and dt per request on the training split
 (``--calibrate``, on by default) with lambda, T and fine-tuning of ``--preset`` (default: the
 after-each-step row, L4 on MNIST and C7 on CIFAR-10). With ``--tune`` each peer's main knob
-(SSD's alpha, otherwise the learning rate) is scaled by the ``--tune_grid`` factor that does best
-on a validation split of the first request (saved in tuning.json with its grid, then frozen;
-each tuning run is saved as it finishes, so an interrupted --tune resumes).
+(SSD's alpha, otherwise the learning rate) is scaled by the factor that does best on a
+validation split of the first request: the ``--tune_grid`` factors, then
+``--tune_search_steps`` geometric bisections where the outcome turns; runs that diverge (NaN
+parameters) are never chosen. Saved in tuning.json with its grid, then frozen; each tuning run
+is saved as it finishes, so an interrupted --tune resumes.
 """
 
 import dataclasses
+import functools
+import math
 import pathlib
 import time
 
@@ -53,6 +57,9 @@ flags.DEFINE_float("val_fraction", 0.1, "Share of the training split held out fo
 flags.DEFINE_string("tune_grid", "0.01,0.1,1,10,100",
                     "--tune: comma list of factors applied to each peer's main knob "
                     "(SSD's alpha, otherwise the learning rate).")  # fmt: skip
+flags.DEFINE_integer("tune_search_steps", 3,
+                     "--tune: geometric bisections between the grid factors where the "
+                     "rule's outcome turns (0: the grid only).")  # fmt: skip
 FLAGS = flags.FLAGS
 
 
@@ -85,8 +92,55 @@ def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
 
 # --tune: each peer's main knob times the --tune_grid factors (decay sizes itself by
 # calibration). The default spans four decades: the peers' CIFAR defaults are off by more than
-# 3x on LeNet in both directions (BUILD_NOTES, "Methods on one harness").
+# 3x on LeNet in both directions (BUILD_NOTES, "Methods on one harness"). A decade grid can
+# step over a method's useful range (gradient ascent goes from doing nothing to diverging
+# within one decade), so --tune_search_steps bisects where the outcome turns, as the decay's
+# own calibration bisects dt.
 TUNE_FORGET_MAX = 5.0  # percent: the calibration rule's ceiling, on validation data
+
+
+def diverged(params) -> bool:
+    """True when any parameter is NaN or infinite (a run that blew up)."""
+    return not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(params))
+
+
+def _outcome(point: dict) -> str:
+    if point.get("diverged"):
+        return "diverged"
+    return "ok" if point["forget_train_acc"] <= TUNE_FORGET_MAX else "fail"
+
+
+def choose_tuned(points: list[dict]) -> dict:
+    """The calibration rule over the points that did not diverge (all of them if every one
+    did): the highest validation retain accuracy with forget <= TUNE_FORGET_MAX, else the
+    lowest forget accuracy."""
+    finite = [p for p in points if not p.get("diverged")]
+    if not finite:
+        return min(points, key=lambda p: abs(math.log(p["factor"])))  # nearest the default
+    return calibrate.choose(finite, TUNE_FORGET_MAX)
+
+
+def next_factor(points: list[dict]) -> float | None:
+    """The geometric midpoint of the neighbouring factors where the rule's outcome turns.
+
+    With a point under the ceiling ("ok"): between the chosen point and a neighbour over it
+    ("fail"), where a gentler setting may keep more retain accuracy. With none: between a
+    failing point and a diverged neighbour, where a stronger setting may still be stable.
+    None when there is no such pair (e.g. every point fails and none diverged).
+    """
+    ordered = sorted(points, key=lambda p: p["factor"])
+    outcomes = [_outcome(p) for p in ordered]
+    if "ok" in outcomes:
+        best = ordered.index(choose_tuned(points))
+        pairs = [(i, best) if i < best else (best, i) for i in (best - 1, best + 1)
+                 if 0 <= i < len(ordered) and outcomes[i] == "fail"]  # fmt: skip
+    else:
+        pairs = [(i, i + 1) for i in range(len(ordered) - 1)
+                 if {outcomes[i], outcomes[i + 1]} == {"fail", "diverged"}]  # fmt: skip
+    if not pairs:
+        return None
+    low, high = ordered[pairs[0][0]]["factor"], ordered[pairs[0][1]]["factor"]
+    return float(f"{math.sqrt(low * high):.4g}")
 
 
 def scaled(mcfg, factor: float):
@@ -105,25 +159,35 @@ def parse_tune_grid(text: str) -> tuple[float, ...]:
     return grid
 
 
-def check_tuning_grid(path: pathlib.Path, grid: tuple[float, ...]) -> None:
-    """A saved tuning made with another grid is not reused silently."""
-    if path.exists():
-        saved = result_files.read_json(path).get("grid")
-        if saved is not None and tuple(saved) != grid:
-            raise ValueError(f"--tune_grid={','.join(f'{f:g}' for f in grid)} differs from the "
-                             f"grid {saved} of the saved tuning {path}; pass that grid, or "
-                             "move the file away to tune anew")  # fmt: skip
+def check_tuning_grid(path: pathlib.Path, grid: tuple[float, ...], search_steps: int) -> None:
+    """A saved tuning made with another grid or search is not reused silently (a tuning saved
+    before the search existed counts as --tune_search_steps=0)."""
+    if search_steps < 0:
+        raise ValueError(f"--tune_search_steps must be >= 0; got {search_steps}")
+    if not path.exists():
+        return
+    saved = result_files.read_json(path)
+    if saved.get("grid") is not None and tuple(saved["grid"]) != grid:
+        raise ValueError(f"--tune_grid={','.join(f'{f:g}' for f in grid)} differs from the "
+                         f"grid {saved['grid']} of the saved tuning {path}; pass that grid, or "
+                         "move the file away to tune anew")  # fmt: skip
+    if saved.get("search_steps", 0) != search_steps:
+        raise ValueError(f"--tune_search_steps={search_steps} differs from the saved tuning "
+                         f"{path} ({saved.get('search_steps', 0)}); pass that, or move the "
+                         "file away to tune anew")  # fmt: skip
 
 
 def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: float,
-         grid: tuple[float, ...], runs_dir: pathlib.Path) -> dict:  # fmt: skip
+         grid: tuple[float, ...], runs_dir: pathlib.Path,
+         search_steps: int = 0) -> dict:  # fmt: skip
     """One sweep per peer method on a validation split carved from the training data.
 
     The method runs on the rest of the training split; each grid point is scored by forget
-    and retain accuracy on the held-out part and chosen by the calibration rule (highest
-    retain accuracy with forget accuracy <= TUNE_FORGET_MAX, else lowest forget accuracy).
-    Test data is never used. Each scored point is saved at once in
-    ``runs_dir/tuning-runs-<hash of request, seed, grid, split>.json``, so an interrupted
+    and retain accuracy on the held-out part, ``search_steps`` more factors are tried where
+    the outcome turns (``next_factor``), and one is chosen by the calibration rule (highest
+    retain accuracy with forget accuracy <= TUNE_FORGET_MAX, else lowest forget accuracy)
+    among the runs that did not diverge. Test data is never used. Each scored point is saved
+    at once in ``runs_dir/tuning-runs-<hash of request, seed, grid, split>.json``, so an interrupted
     sweep resumes where it stopped (a method whose config changed is run again).
     Returns {method: {"factor", "points"}}.
     """
@@ -139,35 +203,43 @@ def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: floa
     forget, retain = data.forget_retain(fit, cfg.forget_class)
     data_in = methods.MethodData(forget, retain, cfg.forget_class,
                                  data.num_classes(cfg.dataset))  # fmt: skip
+
+    def score_point(name: str, factor: float) -> dict:
+        saved = done[name]["points"].get(f"{factor:g}")
+        if saved is not None and "diverged" in saved:  # older records lack the flag
+            logging.info("tune %s x%g: saved in %s", name, factor, runs_path.name)
+            return saved
+        key = jax.random.key(cfg.seed)
+        result = methods.run_method(name, model, params, bs, data_in, key,
+                                    scaled(configs[name], factor), dataset=cfg.dataset)  # fmt: skip
+        # Validation accuracies under the names calibrate.choose reads.
+        point = {"factor": factor, "forget_train_acc": None, "retain_train_acc": None,
+                 "diverged": diverged(result.params)}  # fmt: skip
+        if not point["diverged"]:
+            pred = metrics.predict(model, result.params, result.batch_stats, val.images,
+                                   dataset=cfg.dataset)  # fmt: skip
+            acc = metrics.forget_retain_accuracy(pred, val.labels, cfg.forget_class)
+            point.update(forget_train_acc=acc["forget_acc"], retain_train_acc=acc["retain_acc"])
+        logging.info("tune %s x%g: %s", name, factor, point)
+        done[name]["points"][f"{factor:g}"] = point
+        result_files.write_json_atomic(runs_path, {**header, "points": done})
+        return point
+
     chosen = {}
     for name in names:
         if name in ("decay", "retrain"):
             continue
-        points = []
         method_record = result_files.to_jsonable(configs[name]._asdict())
         if done.get(name, {}).get("config") != method_record:
             done[name] = {"config": method_record, "points": {}}
-        for factor in grid:
-            saved = done[name]["points"].get(f"{factor:g}")
-            if saved is not None:
-                logging.info("tune %s x%g: saved in %s", name, factor, runs_path.name)
-                points.append(saved)
-                continue
-            mcfg = scaled(configs[name], factor)
-            key = jax.random.key(cfg.seed)
-            result = methods.run_method(name, model, params, bs, data_in, key, mcfg,
-                                        dataset=cfg.dataset)  # fmt: skip
-            pred = metrics.predict(model, result.params, result.batch_stats, val.images,
-                                   dataset=cfg.dataset)  # fmt: skip
-            acc = metrics.forget_retain_accuracy(pred, val.labels, cfg.forget_class)
-            # Validation accuracies under the names calibrate.choose reads.
-            points.append({"factor": factor, "forget_train_acc": acc["forget_acc"],
-                           "retain_train_acc": acc["retain_acc"]})  # fmt: skip
-            logging.info("tune %s x%g: %s", name, factor, points[-1])
-            done[name]["points"][f"{factor:g}"] = points[-1]
-            result_files.write_json_atomic(runs_path, {**header, "points": done})
-        chosen[name] = {"factor": calibrate.choose(points, TUNE_FORGET_MAX)["factor"],
-                        "points": points}  # fmt: skip
+        score = functools.partial(score_point, name)
+        points = [score(factor) for factor in grid]
+        for _ in range(search_steps):
+            factor = next_factor(points)
+            if factor is None or any(p["factor"] == factor for p in points):
+                break
+            points.append(score(factor))
+        chosen[name] = {"factor": choose_tuned(points)["factor"], "points": points}
     return chosen
 
 
@@ -197,6 +269,9 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
                                     dataset=cfg.dataset)  # fmt: skip
         info = {k: v for k, v in result.info.items() if k != "calibration"}
         info["seconds"] = time.perf_counter() - start
+        info["diverged"] = diverged(result.params)  # its metrics then describe NaN outputs
+        if info["diverged"]:
+            logging.warning("%s diverged (NaN or infinite parameters)", method)
         out = gold.compare(cfg, model, params, bs, result.params, result.batch_stats,
                            train_split, test_split, info["seconds"])  # fmt: skip
         out["final"] = out.pop("final_metrics")
@@ -294,7 +369,7 @@ def main(argv):
         grid = parse_tune_grid(FLAGS.tune_grid)
         workdir = pathlib.Path(cfg.workdir)
         if FLAGS.tune:
-            check_tuning_grid(workdir / "tuning.json", grid)
+            check_tuning_grid(workdir / "tuning.json", grid, FLAGS.tune_search_steps)
     cells = []
     for seed in seeds:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
@@ -307,11 +382,13 @@ def main(argv):
                 tuning_path = workdir / "tuning.json"
                 if not tuning_path.exists():
                     tuned = tune(req, names, configs, model, params, bs, train_split,
-                                 FLAGS.val_fraction, grid, workdir)  # fmt: skip
+                                 FLAGS.val_fraction, grid, workdir,
+                                 FLAGS.tune_search_steps)  # fmt: skip
                     result_files.write_json_atomic(
                         tuning_path,
-                        {"request": classes, "seed": seed, "grid": list(grid), "chosen": tuned},
-                    )
+                        {"request": classes, "seed": seed, "grid": list(grid),
+                         "search_steps": FLAGS.tune_search_steps, "chosen": tuned},
+                    )  # fmt: skip
                 tuned = result_files.read_json(tuning_path)["chosen"]
                 configs = {n: scaled(c, tuned[n]["factor"]) if n in tuned else c
                            for n, c in configs.items()}  # fmt: skip

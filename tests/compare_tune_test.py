@@ -1,4 +1,4 @@
-"""compare --tune: an interrupted sweep resumes from the points it saved."""
+"""compare --tune: the search between grid factors, diverged runs, and resuming."""
 
 import json
 
@@ -54,3 +54,69 @@ def test_tune_saves_each_point_and_resumes_without_rerunning(tmp_path, monkeypat
     changed = {**configs, "ft": configs["ft"]._replace(epochs=configs["ft"].epochs + 1)}
     compare.tune(cfg, ["ft", "ssd"], changed, model, params, bs, split, 0.2, grid, tmp_path)
     assert [name for name, _ in calls] == ["ft", "ft"]
+
+
+def _point(factor, forget, retain=90.0):
+    return {"factor": factor, "forget_train_acc": forget, "retain_train_acc": retain,
+            "diverged": False}  # fmt: skip
+
+
+def _diverged(factor):
+    return {"factor": factor, "forget_train_acc": None, "retain_train_acc": None,
+            "diverged": True}  # fmt: skip
+
+
+def test_next_factor_bisects_where_the_outcome_turns():
+    # Gradient ascent: nothing happens up to x1, x10 blows up -> try sqrt(1 * 10).
+    ga = [_point(0.01, 100.0), _point(0.1, 100.0), _point(1.0, 99.0), _diverged(10.0)]
+    assert compare.next_factor(ga) == 3.162
+    # A point under the 5% ceiling: bisect towards its failing neighbour (a gentler setting
+    # may keep more retain accuracy), whichever side it is on (lr up = stronger, SSD's alpha
+    # up = gentler).
+    lr_like = [_point(0.1, 50.0), _point(1.0, 2.0, 95.0), _point(10.0, 0.0, 80.0)]
+    assert compare.next_factor(lr_like) == 0.3162
+    alpha_like = [_point(0.1, 0.0, 90.0), _point(1.0, 3.0, 95.0), _point(10.0, 60.0, 99.0)]
+    assert compare.next_factor(alpha_like) == 3.162
+    # Every point fails and none diverged: nothing to bisect.
+    assert compare.next_factor([_point(0.1, 90.0), _point(1.0, 80.0)]) is None
+
+
+def test_choose_tuned_never_picks_a_diverged_run():
+    points = [_point(1.0, 99.0, 99.8), _diverged(10.0)]
+    assert compare.choose_tuned(points)["factor"] == 1.0  # lowest finite forget, not the NaN
+    assert compare.choose_tuned([_diverged(0.1), _diverged(10.0)])["factor"] == 0.1
+    nan_params = {"w": np.array([1.0, np.nan])}
+    assert compare.diverged(nan_params) and not compare.diverged({"w": np.ones(2)})
+
+
+def test_tune_searches_between_grid_factors_and_skips_diverged_runs(tmp_path, monkeypatch):
+    cfg, model, params, bs, split, configs = _setup(tmp_path)
+    base_lr = configs["ft"].optimizer.learning_rate
+    factors = []
+
+    def fake_run(name, model, params, bs, data_in, key, mcfg, dataset):
+        factor = mcfg.optimizer.learning_rate / base_lr
+        factors.append(round(factor, 4))
+        if factor >= 10:  # blows up
+            params = jax.tree.map(lambda x: x * np.nan, params)
+        return methods.MethodResult(params, bs, {})
+
+    # The validation labels: the held-out part of the split, carved as tune() does.
+    order = np.random.default_rng(cfg.seed).permutation(split.size)
+    val_labels = split.labels[order[: int(round(0.2 * split.size))]]
+
+    def fake_predict(model, params, bs, images, dataset):
+        assert len(images) == len(val_labels)
+        # x < 3: nothing forgotten; 3 <= x < 10: class 3 sent to class 4, the rest kept.
+        return np.where((val_labels == 3) & (factors[-1] >= 3), 4, val_labels)
+
+    monkeypatch.setattr(methods, "run_method", fake_run)
+    monkeypatch.setattr(compare.metrics, "predict", fake_predict)
+    chosen = compare.tune(cfg, ["ft"], configs, model, params, bs, split, 0.2, (0.1, 1.0, 10.0),
+                          tmp_path, search_steps=2)  # fmt: skip
+    # Grid, then sqrt(1 * 10) (fail next to diverged), then sqrt(1 * 3.162) (ok next to fail).
+    assert factors == [0.1, 1.0, 10.0, 3.162, 1.778]
+    points = {p["factor"]: p for p in chosen["ft"]["points"]}
+    assert points[10.0]["diverged"] and points[10.0]["forget_train_acc"] is None
+    assert points[3.162]["forget_train_acc"] == 0.0 and points[1.778]["forget_train_acc"] == 100.0
+    assert chosen["ft"]["factor"] == 3.162

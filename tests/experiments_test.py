@@ -649,7 +649,11 @@ def test_compare_tune_grid_is_checked_before_any_work(tfds_dir, tmp_path):
     saved = tmp_path / "compare" / "tuning.json"
     saved.parent.mkdir()
     saved.write_text(json.dumps({"grid": [0.3, 1.0, 3.0], "chosen": {}}))
-    compare.check_tuning_grid(saved, (0.3, 1.0, 3.0))  # the same grid: reused
+    compare.check_tuning_grid(saved, (0.3, 1.0, 3.0), 0)  # the same grid, no search: reused
+    with pytest.raises(ValueError, match="--tune_search_steps=3 differs"):
+        compare.check_tuning_grid(saved, (0.3, 1.0, 3.0), 3)  # saved before the search
+    with pytest.raises(ValueError, match="--tune_search_steps must be >= 0"):
+        compare.check_tuning_grid(saved, (0.3, 1.0, 3.0), -1)
     proc, output, _ = _run("compare", [f"--workdir={tmp_path}", "--tune"], tfds_dir)
     assert proc.returncode != 0 and "--tune_grid=0.01,0.1,1,10,100 differs" in output
     assert not (tmp_path / "compare" / "base").exists()  # refused before any training
