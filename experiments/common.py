@@ -84,7 +84,8 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_enum("selection", d("selection"), list(decay.SELECTIONS), "top-K or random-K.")
     flags.DEFINE_enum("topk_budget", d("topk_budget"), list(decay.TOPK_BUDGETS),
                       "global: K over all units; per_layer: each layer's share of K in "
-                      "proportion to its unit count, its most important units first.")
+                      "proportion to its unit count, its most important units first; "
+                      "per_layer_equal: the same count from every layer.")  # fmt: skip
     flags.DEFINE_enum("importance_data", d("importance_data"), ["forget", "all"],
                       "Importance sample pool.")
     flags.DEFINE_float("importance_fraction", d("importance_fraction"),

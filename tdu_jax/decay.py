@@ -13,8 +13,9 @@ from tdu_jax.units import UnitSpec, check_mask_structure, locate
 PyTree = Any
 SELECTIONS = ("topk", "random")
 # How a top-K is spread over layers: "global" ranks every unit against every other;
-# "per_layer" gives each layer a share of K in proportion to its unit count.
-TOPK_BUDGETS = ("global", "per_layer")
+# "per_layer" gives each layer a share of K in proportion to its unit count;
+# "per_layer_equal" gives every layer the same count (a small layer can be taken whole).
+TOPK_BUDGETS = ("global", "per_layer", "per_layer_equal")
 
 
 def resolve_k(k: int | float, num_units: int) -> int:
@@ -57,11 +58,13 @@ def rank_units(
     unit count (ties: the global order above), so the first K units take about
     K x (layer units / all units) from every layer: a layer with many units the class relies
     on cannot fill the whole budget. With K below the number of layers, the most important
-    of the layers' top units are taken.
+    of the layers' top units are taken. ``budget="per_layer_equal"`` interleaves by rank
+    within the layer alone, so every layer gives about K / (number of layers) units until it
+    has none left.
     """
     check_topk_budget(budget)
-    if budget == "per_layer" and spec is None:
-        raise ValueError("topk_budget=per_layer needs the unit spec (which layer holds a unit)")
+    if budget != "global" and spec is None:
+        raise ValueError(f"topk_budget={budget} needs the unit spec (which layer holds a unit)")
     order = np.lexsort((importance.units, -importance.loss_increase, -importance.accuracy_drop))
     ranked = importance.units[order]
     if budget == "global":
@@ -71,7 +74,10 @@ def rank_units(
     for index in np.unique(layer):
         in_layer = layer == index
         position[in_layer] = np.arange(in_layer.sum())
-    share = position / np.bincount(layer)[layer]  # in [0, 1): how far down its own layer
+    if budget == "per_layer":
+        share = position / np.bincount(layer)[layer]  # in [0, 1): how far down its own layer
+    else:  # per_layer_equal
+        share = position.astype(np.float64)
     return ranked[np.argsort(share, kind="stable")]  # equal shares keep the global order
 
 

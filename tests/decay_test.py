@@ -146,6 +146,12 @@ def test_per_layer_budget_by_hand():
     # K = 3 of 6 units: one of a's two, two of b's four.
     np.testing.assert_array_equal(decay.select_top_k(imp, 3, "per_layer", spec), [0, 2, 3])
     np.testing.assert_array_equal(decay.select_top_k(imp, 3), [2, 3, 4])
+    # per_layer_equal: rank within the layer alone: 2, 0 (rank 0), 3, 1 (rank 1), 4, 5.
+    np.testing.assert_array_equal(decay.rank_units(imp, "per_layer_equal", spec),
+                                  [2, 0, 3, 1, 4, 5])  # fmt: skip
+    # K = 4: layer a is taken whole, b gives the same two.
+    np.testing.assert_array_equal(decay.select_top_k(imp, 4, "per_layer_equal", spec),
+                                  [0, 1, 2, 3])  # fmt: skip
 
 
 def test_per_layer_budget_keeps_each_layers_order_and_its_share():
@@ -165,11 +171,24 @@ def test_per_layer_budget_keeps_each_layers_order_and_its_share():
             assert taken == mine[: len(taken)]  # the layer's most important units first
             share = k * layer.num_units / spec.num_units
             assert abs(len(taken) - share) <= len(spec.layers)
+        # per_layer_equal: the same order within a layer, and no layer gives more than one
+        # unit beyond what the least-served layer with units left gives.
+        chosen = set(decay.select_top_k(imp, k, "per_layer_equal", spec).tolist())
+        counts = []
+        for layer in spec.layers:
+            mine = [u for u in global_order if layer.offset <= u < layer.offset + layer.num_units]
+            taken = [u for u in mine if u in chosen]
+            assert taken == mine[: len(taken)]
+            counts.append((len(taken), layer.num_units))
+        open_counts = [c for c, n in counts if c < n]
+        assert len(chosen) == k
+        assert not open_counts or all(c <= min(open_counts) + 1 for c, _ in counts)
 
 
 def test_topk_budget_errors():
     imp = _importance([1.0, 2.0], [0.0, 0.0])
-    with pytest.raises(ValueError, match="topk_budget must be one of global, per_layer"):
+    with pytest.raises(ValueError, match="topk_budget must be one of global, per_layer, "
+                                         "per_layer_equal"):  # fmt: skip
         decay.select_top_k(imp, 1, "layerwise")
     with pytest.raises(ValueError, match="needs the unit spec"):
         decay.rank_units(imp, "per_layer")
