@@ -27,7 +27,6 @@ is saved as it finishes, so an interrupted --tune resumes.
 """
 
 import dataclasses
-import functools
 import math
 import pathlib
 import time
@@ -139,8 +138,8 @@ def next_factor(points: list[dict]) -> float | None:
                  if {outcomes[i], outcomes[i + 1]} == {"fail", "diverged"}]  # fmt: skip
     if not pairs:
         return None
-    low, high = ordered[pairs[0][0]]["factor"], ordered[pairs[0][1]]["factor"]
-    return float(f"{math.sqrt(low * high):.4g}")
+    low, high = pairs[0]
+    return calibrate.geometric_midpoint(ordered[low]["factor"], ordered[high]["factor"])
 
 
 def scaled(mcfg, factor: float):
@@ -232,13 +231,12 @@ def tune(cfg, names, configs, model, params, bs, train_split, val_fraction: floa
         method_record = result_files.to_jsonable(configs[name]._asdict())
         if done.get(name, {}).get("config") != method_record:
             done[name] = {"config": method_record, "points": {}}
-        score = functools.partial(score_point, name)
-        points = [score(factor) for factor in grid]
+        points = [score_point(name, factor) for factor in grid]
         for _ in range(search_steps):
             factor = next_factor(points)
             if factor is None or any(p["factor"] == factor for p in points):
                 break
-            points.append(score(factor))
+            points.append(score_point(name, factor))
         chosen[name] = {"factor": choose_tuned(points)["factor"], "points": points}
     return chosen
 

@@ -192,7 +192,7 @@ def search_dt(
     if failing:
         lo = max(failing)
         for _ in range(steps):
-            mid = float(f"{math.sqrt(lo * hi):.4g}")
+            mid = geometric_midpoint(lo, hi)
             if not lo < mid < hi:
                 break
             if silences(mid):
@@ -200,6 +200,11 @@ def search_dt(
             else:
                 lo = mid
     return {dt: a for dt, a in tried.items() if dt not in grid}
+
+
+def geometric_midpoint(lo: float, hi: float) -> float:
+    """sqrt(lo * hi) kept to 4 significant digits (the bisections' step; lo, hi > 0)."""
+    return float(f"{math.sqrt(lo * hi):.4g}")
 
 
 def accuracy(model, params, batch_stats, dataset: str, split: data.Split) -> float:
