@@ -246,18 +246,28 @@ def cell_dir(cfg: ExperimentConfig, method: str, classes: list[int], seed: int) 
     return pathlib.Path(cfg.workdir) / f"{method}-{name}-seed{seed}"
 
 
+def _references(refs: dict, final: dict, seconds: float) -> dict:
+    """The report's reference part; ``final`` is {} for a diverged run (no metrics)."""
+    return {"final": final, "retrained": refs["retrained"], "base_metrics": refs["base"],
+            "control": refs["control"], "separates": refs["separates"],
+            "gap": gold.gap(final, refs["retrained"]) if final else {},
+            "cost_ratio": seconds / refs["retrained"]["train_seconds"]}  # fmt: skip
+
+
 def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> dict:
-    """One method on one request: run it, then the forgetting report against retrained."""
+    """One method on one request: run it, then the forgetting report against retrained.
+
+    A run whose parameters turn NaN or infinite is recorded with ``info.diverged`` and no
+    final metrics (the attacks cannot be fitted on NaN outputs); tables count it apart.
+    """
     forget, retain = data.forget_retain(train_split, cfg.forget_class)
+    refs = gold.reference_metrics(cfg, model, params, bs, train_split, test_split)
     if method == "retrain":
-        refs = gold.reference_metrics(cfg, model, params, bs, train_split, test_split)
-        final = {k: v for k, v in refs["retrained"].items()}
+        final = dict(refs["retrained"])
         seconds = final["train_seconds"]
         steps = int(np.ceil(retain.size / mcfg.batch_size)) * mcfg.epochs
         info = {"seconds": seconds, "gradient_steps": steps, "retain_batches": steps}
-        out = {"final": final, "retrained": refs["retrained"], "base_metrics": refs["base"],
-               "control": refs["control"], "separates": refs["separates"],
-               "gap": gold.gap(final, refs["retrained"]), "cost_ratio": 1.0}  # fmt: skip
+        out = _references(refs, final, seconds)
     else:
         data_in = methods.MethodData(forget, retain, cfg.forget_class,
                                      data.num_classes(cfg.dataset))  # fmt: skip
@@ -267,12 +277,15 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
                                     dataset=cfg.dataset)  # fmt: skip
         info = {k: v for k, v in result.info.items() if k != "calibration"}
         info["seconds"] = time.perf_counter() - start
-        info["diverged"] = diverged(result.params)  # its metrics then describe NaN outputs
+        info["diverged"] = diverged(result.params)
         if info["diverged"]:
-            logging.warning("%s diverged (NaN or infinite parameters)", method)
-        out = gold.compare(cfg, model, params, bs, result.params, result.batch_stats,
-                           train_split, test_split, info["seconds"])  # fmt: skip
-        out["final"] = out.pop("final_metrics")
+            logging.warning("%s diverged (NaN or infinite parameters): no metrics", method)
+            out = _references(refs, {}, info["seconds"])
+        else:
+            final = gold.model_metrics(cfg, model, result.params, result.batch_stats,
+                                       train_split, test_split,
+                                       refs["retrained"]["forget_predictions"])  # fmt: skip
+            out = _references(refs, final, info["seconds"])
         out["calibration"] = result.info.get("calibration")
     return {"row": method, "method": method, "config": common._public(cfg),
             "method_config": result_files.to_jsonable(mcfg._asdict()), "info": info,
@@ -291,7 +304,7 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
     """One line per method: means over requests of accuracy, attacks, cost."""
     keys = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery",
             "relearn_steps")  # fmt: skip
-    head = ["method", "requests", *keys, "gradient steps", "seconds", "cost_ratio"]
+    head = ["method", "requests", "diverged", *keys, "gradient steps", "seconds", "cost_ratio"]
     lines = ["## Methods: mean ± std over requests" + (" (PARTIAL)" if partial else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for method, group in fr.group_by_row(cells).items():
@@ -299,7 +312,8 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
         steps = fr.mean_std(fr.values(group, "info", "gradient_steps"))
         secs = fr.mean_std(fr.values(group, "info", "seconds"))
         cost = fr.mean_std([c["cost_ratio"] for c in group if c.get("cost_ratio") is not None])
-        lines.append(f"| {method} | {len(group)} | " + " | ".join(cols)
+        n_diverged = sum(bool((c.get("info") or {}).get("diverged")) for c in group)
+        lines.append(f"| {method} | {len(group)} | {n_diverged} | " + " | ".join(cols)
                      + f" | {steps} | {secs} | {cost} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -120,3 +120,27 @@ def test_tune_searches_between_grid_factors_and_skips_diverged_runs(tmp_path, mo
     assert points[10.0]["diverged"] and points[10.0]["forget_train_acc"] is None
     assert points[3.162]["forget_train_acc"] == 0.0 and points[1.778]["forget_train_acc"] == 100.0
     assert chosen["ft"]["factor"] == 3.162
+
+
+def test_a_diverged_cell_is_recorded_without_metrics_and_counted(tmp_path, monkeypatch):
+    from experiments import gold
+
+    cfg, model, params, bs, split, configs = _setup(tmp_path)
+    nan_params = jax.tree.map(lambda x: x * np.nan, params)
+    monkeypatch.setattr(methods, "run_method",
+                        lambda *a, **k: methods.MethodResult(nan_params, bs, {}))  # fmt: skip
+    retrained = {"forget_acc": 0.0, "retain_acc": 99.0, "train_seconds": 50.0,
+                 "forget_predictions": [0.0] * 10}  # fmt: skip
+    refs = {"retrained": retrained, "base": {"forget_acc": 99.0}, "control": {},
+            "separates": {}}  # fmt: skip
+    monkeypatch.setattr(gold, "reference_metrics", lambda *a, **k: refs)
+
+    def no_metrics(*args, **kwargs):
+        raise AssertionError("the attacks must not be fitted on a diverged model")
+
+    monkeypatch.setattr(gold, "model_metrics", no_metrics)
+    cell = compare.run_cell(cfg, "ga", configs["ga"], model, params, bs, split, split)
+    assert cell["info"]["diverged"] and cell["final"] == {} and cell["gap"] == {}
+    assert cell["cost_ratio"] == cell["info"]["seconds"] / 50.0
+    table = compare.table_markdown([cell], partial=False)
+    assert "| ga | 1 | 1 | — |" in table  # one request, diverged, no forget accuracy
