@@ -300,21 +300,66 @@ def write_outputs(workdir: pathlib.Path, cells: list[dict], dataset: str, partia
     plot_compare(cells, workdir)
 
 
+def _objectives(cell: dict) -> tuple[float, float, float] | None:
+    """(forget %, -retain %, seconds), all to minimise; None for a diverged run."""
+    final = cell.get("final") or {}
+    if "forget_acc" not in final or "retain_acc" not in final:
+        return None
+    return (final["forget_acc"], -final["retain_acc"], cell["info"]["seconds"])
+
+
+def dominates(a: tuple, b: tuple) -> bool:
+    """True when ``a`` is no worse than ``b`` in every objective and better in one."""
+    pairs = list(zip(a, b, strict=True))
+    return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+
+def pareto_counts(cells: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per method: (requests where it is on that request's Pareto front, its requests).
+
+    The front is over the methods run on the same (forget classes, seed): lower test forget
+    accuracy, higher test retain accuracy, fewer unlearning seconds (retrain: its training
+    seconds). A diverged run is never on it.
+    """
+    requests: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        cfg = cell.get("config") or {}
+        requests.setdefault((tuple(cfg.get("forget_class", ())), cfg.get("seed")), []).append(cell)
+    counts: dict[str, tuple[int, int]] = {}
+    for group in requests.values():
+        points = [_objectives(c) for c in group]
+        for cell, point in zip(group, points, strict=True):
+            front = point is not None and not any(
+                q is not None and dominates(q, point) for q in points
+            )
+            on, total = counts.get(cell["method"], (0, 0))
+            counts[cell["method"]] = (on + front, total + 1)
+    return counts
+
+
 def table_markdown(cells: list[dict], partial: bool) -> str:
-    """One line per method: means over requests of accuracy, attacks, cost."""
+    """One line per method: means over requests of accuracy, attacks, cost, and how often the
+    method is on its request's forget-retain-seconds Pareto front."""
     keys = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery",
             "relearn_steps")  # fmt: skip
-    head = ["method", "requests", "diverged", *keys, "gradient steps", "seconds", "cost_ratio"]
+    head = ["method", "requests", "diverged", *keys, "gradient steps", "seconds", "cost_ratio",
+            "Pareto front"]  # fmt: skip
     lines = ["## Methods: mean ± std over requests" + (" (PARTIAL)" if partial else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    front = pareto_counts(cells)
     for method, group in fr.group_by_row(cells).items():
         cols = [fr.mean_std(fr.values(group, "final", k)) for k in keys]
         steps = fr.mean_std(fr.values(group, "info", "gradient_steps"))
         secs = fr.mean_std(fr.values(group, "info", "seconds"))
         cost = fr.mean_std([c["cost_ratio"] for c in group if c.get("cost_ratio") is not None])
+        on_front = "{}/{}".format(*front.get(method, (0, 0)))
         n_diverged = sum(bool((c.get("info") or {}).get("diverged")) for c in group)
         lines.append(f"| {method} | {len(group)} | {n_diverged} | " + " | ".join(cols)
-                     + f" | {steps} | {secs} | {cost} |")  # fmt: skip
+                     + f" | {steps} | {secs} | {cost} | {on_front} |")  # fmt: skip
+    lines += ["", "Pareto front: on how many of its requests the method is not dominated by "
+              "another method of the same request in test forget accuracy (lower), test retain "
+              "accuracy (higher) and seconds (fewer; retrain counts its training); diverged "
+              "runs never are."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -144,3 +144,30 @@ def test_a_diverged_cell_is_recorded_without_metrics_and_counted(tmp_path, monke
     assert cell["cost_ratio"] == cell["info"]["seconds"] / 50.0
     table = compare.table_markdown([cell], partial=False)
     assert "| ga | 1 | 1 | — |" in table  # one request, diverged, no forget accuracy
+
+
+def _cell(method, forget, retain, seconds, request=(0,), seed=0):
+    cfg = {"forget_class": list(request), "seed": seed}
+    return {"row": method, "method": method, "config": cfg,
+            "final": {"forget_acc": forget, "retain_acc": retain},
+            "info": {"seconds": seconds}}  # fmt: skip
+
+
+def test_pareto_counts_follow_hand_checked_dominance():
+    assert compare.dominates((0.0, -99.0, 10.0), (0.0, -98.0, 10.0))
+    assert not compare.dominates((0.0, -99.0, 10.0), (0.0, -99.0, 10.0))  # equal: no
+    assert not compare.dominates((0.0, -99.0, 20.0), (1.0, -98.0, 10.0))  # slower: no
+    cells = [
+        _cell("retrain", 0.0, 99.2, 400.0),  # best accuracy, slowest: on the front
+        _cell("decay", 0.0, 99.0, 100.0),  # on the front
+        _cell("ft", 0.0, 98.9, 120.0),  # dominated by decay
+        _cell("ga", 50.0, 99.5, 5.0),  # fastest, best retain: on the front
+        _cell("ft", 0.0, 99.1, 90.0, seed=1),  # the other request: ft dominates decay
+        _cell("decay", 0.0, 99.0, 100.0, seed=1),
+        {**_cell("ga", 0.0, 0.0, 1.0, seed=1), "final": {}, "info": {"seconds": 1.0,
+                                                                     "diverged": True}},
+    ]  # fmt: skip
+    assert compare.pareto_counts(cells) == {"retrain": (1, 1), "decay": (1, 2), "ft": (1, 2),
+                                            "ga": (1, 2)}  # fmt: skip
+    table = compare.table_markdown(cells, partial=False)
+    assert "| ga | 2 | 1 | 50.00 |" in table and table.splitlines()[4].endswith("| 1/1 |")
