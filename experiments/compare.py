@@ -295,8 +295,8 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
 def write_outputs(workdir: pathlib.Path, cells: list[dict], dataset: str, partial: bool) -> None:
     result_files.write_json_atomic(workdir / "compare.json", {"partial": partial, "cells": cells})
     text = fr.forgetting_markdown(cells, f"Methods compared on {dataset}", partial=partial)
-    result_files.write_text_atomic(workdir / "compare.md",
-                                   table_markdown(cells, partial) + "\n" + text)  # fmt: skip
+    tables = [table_markdown(cells, partial), requests_markdown(cells, dataset), text]
+    result_files.write_text_atomic(workdir / "compare.md", "\n".join(tables))
     plot_compare(cells, workdir)
 
 
@@ -360,6 +360,28 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
               "another method of the same request in test forget accuracy (lower), test retain "
               "accuracy (higher) and seconds (fewer; retrain counts its training); diverged "
               "runs never are."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def requests_markdown(cells: list[dict], dataset: str) -> str:
+    """One line per (forget classes, seed), one column per method: test forget / retain %
+    ("diverged" for a run with NaN parameters)."""
+    names = data.class_names(dataset)
+    methods_seen = list(fr.group_by_row(cells))
+    rows: dict[tuple, dict[str, str]] = {}
+    for cell in cells:
+        cfg = cell.get("config") or {}
+        request = ("+".join(names[c] for c in cfg.get("forget_class", ())), cfg.get("seed"))
+        final = cell.get("final") or {}
+        text = (f"{final['forget_acc']:.2f} / {final['retain_acc']:.2f}"
+                if "forget_acc" in final and "retain_acc" in final else "diverged")  # fmt: skip
+        rows.setdefault(request, {})[str(cell.get("row"))] = text
+    lines = ["## Per request: test forget / retain accuracy (%)", "",
+             "| forget | seed | " + " | ".join(methods_seen) + " |",
+             "|---|---|" + "---|" * len(methods_seen)]  # fmt: skip
+    for (request, seed), by_method in rows.items():
+        cols = [by_method.get(m, "—") for m in methods_seen]
+        lines.append(f"| {request} | {seed} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
 

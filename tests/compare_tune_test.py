@@ -171,3 +171,16 @@ def test_pareto_counts_follow_hand_checked_dominance():
                                             "ga": (1, 2)}  # fmt: skip
     table = compare.table_markdown(cells, partial=False)
     assert "| ga | 2 | 1 | 50.00 |" in table and table.splitlines()[4].endswith("| 1/1 |")
+
+
+def test_requests_table_has_one_line_per_request_and_marks_diverged_runs():
+    cells = [
+        _cell("decay", 0.0, 99.0, 100.0),
+        _cell("ft", 0.5, 98.9, 120.0),
+        _cell("decay", 1.25, 97.5, 100.0, request=(7,)),
+        {**_cell("ft", 0.0, 0.0, 1.0, request=(7,)), "final": {}},
+    ]
+    lines = compare.requests_markdown(cells, "mnist").splitlines()
+    assert lines[2] == "| forget | seed | decay | ft |"
+    assert lines[4:] == ["| 0 | 0 | 0.00 / 99.00 | 0.50 / 98.90 |",
+                         "| 7 | 0 | 1.25 / 97.50 | diverged |"]  # fmt: skip
