@@ -201,11 +201,16 @@ def config_from_flags(dataset: str, defaults: dict | None = None) -> ExperimentC
     """The run's config: flags, with the preset filling flags not set explicitly.
 
     ``defaults`` (an entry point's table-wide choices) replace the flag defaults, for
-    ``reproduce``, which serves several tables with one set of flags.
+    ``reproduce`` and ``compare``, which serve several tables with one set of flags: a flag
+    not given takes ``defaults``, else the setting's generic default, never the choice of
+    the table the flags were defined with (LeNet's ``--topk_budget=per_layer`` must not
+    reach a CIFAR run).
     """
     values = {n: FLAGS[n].value for n in _OWN_FLAGS}
     values["lam"] = values.pop("lambda")
-    values.update({k: v for k, v in (defaults or {}).items() if not _explicit(k)})
+    if defaults is not None:  # the flags may carry another table's choices: reset them all
+        values.update({k: defaults[k] if k in defaults else config.default(k)
+                       for k in values if not _explicit(k)})  # fmt: skip
     if values["preset"] is not None:
         values.update(_preset_settings(values["preset"]))
     if (_explicit("top_k") or _explicit("dt")) and not _explicit("calibrate"):

@@ -209,3 +209,31 @@ def test_finetune_schedule_reaches_the_finetune_optimizer():
     assert common.unlearn_config(cfg, 1000).finetune_optimizer.schedule == "constant"
     cosine = dataclasses.replace(cfg, finetune_schedule="cosine")
     assert common.unlearn_config(cosine, 1000).finetune_optimizer.schedule == "cosine"
+
+
+_SHARED_FLAGS_SNIPPET = """
+import json, sys
+from absl import flags
+from experiments import cifar_ship, common, mnist_lenet, reproduce
+common.define_flags(**{**mnist_lenet.DEFAULTS, **reproduce.ENTRY_DEFAULTS})  # as reproduce does
+flags.FLAGS(["prog", *json.loads(sys.argv[1])])
+cfg = common.config_from_flags("cifar10", {**cifar_ship.DEFAULTS, **reproduce.ENTRY_DEFAULTS})
+print(json.dumps(common._public(cfg)))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, explicit", [([], {}), (["--topk_budget=per_layer"], {"topk_budget": "per_layer"})]
+)
+def test_a_table_run_through_shared_flags_takes_none_of_the_other_tables_choices(argv, explicit):
+    """reproduce/compare define their flags with LeNet's DEFAULTS; a CIFAR run through them
+    gets CIFAR's choices and the generic defaults (not LeNet's top-K budget, 1% ceiling or
+    importance batch), exactly as cifar_ship records them; explicit flags still win."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARED_FLAGS_SNIPPET, json.dumps(["--workdir=/tmp/tc_ref", *argv])],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {**CIFAR_RECORD, "compare_retrain": True, **explicit}  # reproduce's own choice
+    assert {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v} == {}

@@ -101,7 +101,8 @@ def test_cost_counts_only_results_that_timed_their_calibration():
     assert [forgetting_report.counts_calibration(r) for r in (timed, older, fixed)] == [
         True, False, True]  # fmt: skip
     assert forgetting_report.cost_text([timed, older, fixed]) == (
-        "55.00 ± 49.50 (over 2 requests; 1 recorded without calibration seconds)")
+        "55.00 ± 49.50 (over 2 requests; 1 recorded without calibration seconds)"
+    )
     assert forgetting_report.cost_text([timed]) == "90.00"
     goal = forgetting_report.Goal("", "cost", 0.5)
     assert [goal.met(r) for r in (timed, older, fixed)] == [False, None, True]
