@@ -498,6 +498,11 @@ def test_decay_calibration_is_confirmed_through_its_own_fine_tuning(toy):
     acc = _accuracy(model, out.params, out.batch_stats, data_in.forget_train)
     assert acc == pytest.approx(chosen["forget_train_acc_after"])
     assert out.info["decayed_units"] == chosen["units"]
+    # Every phase's seconds are recorded, the importance and calibration included, and they
+    # fit within the method's wall time.
+    timings = out.info["timings"]
+    assert timings["importance"] > 0 and timings["calibration"] > 0
+    assert sum(timings.values()) <= out.info["seconds"]
     plain = M.run_method("decay", model, params, batch_stats, data_in, jax.random.key(3),
                          config._replace(calibrate_finetune=False), dataset="mnist")  # fmt: skip
     assert "tried" not in plain.info["calibration"]
