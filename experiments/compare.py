@@ -317,7 +317,7 @@ def dominates(a: tuple, b: tuple) -> bool:
 
 
 def pareto_counts(cells: list[dict]) -> dict[str, tuple[int, int]]:
-    """Per method: (requests where it is on that request's Pareto front, its requests).
+    """Per row (method): (requests where it is on that request's Pareto front, its requests).
 
     The front is over the methods run on the same (forget classes, seed): lower test forget
     accuracy, higher test retain accuracy, fewer unlearning seconds (retrain: its training
@@ -334,8 +334,9 @@ def pareto_counts(cells: list[dict]) -> dict[str, tuple[int, int]]:
             front = point is not None and not any(
                 q is not None and dominates(q, point) for q in points
             )
-            on, total = counts.get(cell["method"], (0, 0))
-            counts[cell["method"]] = (on + front, total + 1)
+            row = str(cell.get("row") or cell.get("method"))  # as fr.group_by_row names it
+            on, total = counts.get(row, (0, 0))
+            counts[row] = (on + front, total + 1)
     return counts
 
 
