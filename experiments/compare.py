@@ -294,6 +294,27 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
             **out}  # fmt: skip
 
 
+def check_cell_settings(saved: dict, cfg: ExperimentConfig, mcfg, folder: pathlib.Path) -> None:
+    """Refuses to reuse a finished cell run with other settings than today's flags give.
+
+    The run's config is compared as ``reproduce`` compares results (``common.resume_key``:
+    locations left out, a setting at its generic default counts as absent); the method's
+    config (its tuned knob included) must be the same, field by field.
+    """
+    want = result_files.to_jsonable(mcfg._asdict())
+    got = saved.get("method_config") or {}
+    changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if common.resume_key(saved.get("config") or {}) != common.resume_key(common._public(cfg)):
+        was, now = saved.get("config") or {}, common._public(cfg)
+        changed += sorted(k for k in (set(was) | set(now)) - set(common.LOCATION_SETTINGS)
+                          if result_files.to_jsonable(now.get(k)) != was.get(k))  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{folder} was run with other settings ({', '.join(changed)}) than these flags "
+            "give; use another --workdir, or remove that folder to rerun the cell."
+        )
+
+
 def write_outputs(workdir: pathlib.Path, cells: list[dict], dataset: str, partial: bool) -> None:
     result_files.write_json_atomic(workdir / "compare.json", {"partial": partial, "cells": cells})
     text = fr.forgetting_markdown(cells, f"Methods compared on {dataset}", partial=partial)
@@ -477,8 +498,11 @@ def main(argv):
             for name in names:
                 path = cell_dir(req, name, classes, seed) / "result.json"
                 if path.exists():
+                    saved = result_files.read_json(path)
+                    with common.bad_input():  # a settings mismatch is the user's to resolve
+                        check_cell_settings(saved, req, configs[name], path.parent)
                     logging.info("Skipping finished cell %s", path.parent.name)
-                    cells.append(result_files.read_json(path))
+                    cells.append(saved)
                     continue
                 logging.info("Method %s, forget %s, seed %d", name, classes, seed)
                 cell = run_cell(req, name, configs[name], model, params, bs, train_split,

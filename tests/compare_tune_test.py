@@ -184,3 +184,26 @@ def test_requests_table_has_one_line_per_request_and_marks_diverged_runs():
     assert lines[2] == "| forget | seed | decay | ft |"
     assert lines[4:] == ["| 0 | 0 | 0.00 / 99.00 | 0.50 / 98.90 |",
                          "| 7 | 0 | 1.25 / 97.50 | diverged |"]  # fmt: skip
+
+
+def test_a_finished_cell_is_reused_only_with_the_same_settings(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from experiments import common
+    from tdu_jax import result_files
+
+    cfg, _, _, _, _, configs = _setup(tmp_path)
+    saved = json.loads(json.dumps({
+        "config": common._public(cfg),
+        "method_config": result_files.to_jsonable(configs["ft"]._asdict()),
+    }))  # fmt: skip
+    compare.check_cell_settings(saved, cfg, configs["ft"], tmp_path)  # the same: reused
+    moved = dataclasses.replace(cfg, workdir=str(tmp_path / "elsewhere"))
+    compare.check_cell_settings(saved, moved, configs["ft"], tmp_path)  # a location only
+    with pytest.raises(ValueError, match=r"other settings \(importance_fraction\)"):
+        compare.check_cell_settings(saved, dataclasses.replace(cfg, importance_fraction=0.1),
+                                    configs["ft"], tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(epochs\).*another --workdir"):
+        compare.check_cell_settings(saved, cfg, configs["ft"]._replace(epochs=3), tmp_path)
