@@ -89,14 +89,15 @@ def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
     }  # fmt: skip
 
 
+# This entry point's own choice, on every dataset (its flags are defined with LeNet's DEFAULTS).
+ENTRY_DEFAULTS = {"compare_retrain": True}
+
 # --tune: each peer's main knob times the --tune_grid factors (decay sizes itself by
 # calibration). The default spans four decades: the peers' CIFAR defaults are off by more than
 # 3x on LeNet in both directions (BUILD_NOTES, "Methods on one harness"). A decade grid can
 # step over a method's useful range (gradient ascent goes from doing nothing to diverging
 # within one decade), so --tune_search_steps bisects where the outcome turns, as the decay's
 # own calibration bisects dt.
-# This entry point's own choice, on every dataset (its flags are defined with LeNet's DEFAULTS).
-ENTRY_DEFAULTS = {"compare_retrain": True}
 TUNE_FORGET_MAX = 5.0  # percent: the calibration rule's ceiling, on validation data
 
 
@@ -248,14 +249,6 @@ def cell_dir(cfg: ExperimentConfig, method: str, classes: list[int], seed: int) 
     return pathlib.Path(cfg.workdir) / f"{method}-{name}-seed{seed}"
 
 
-def _references(refs: dict, final: dict, seconds: float) -> dict:
-    """The report's reference part; ``final`` is {} for a diverged run (no metrics)."""
-    return {"final": final, "retrained": refs["retrained"], "base_metrics": refs["base"],
-            "control": refs["control"], "separates": refs["separates"],
-            "gap": gold.gap(final, refs["retrained"]) if final else {},
-            "cost_ratio": seconds / refs["retrained"]["train_seconds"]}  # fmt: skip
-
-
 def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> dict:
     """One method on one request: run it, then the forgetting report against retrained.
 
@@ -269,7 +262,7 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
         seconds = final["train_seconds"]
         steps = int(np.ceil(retain.size / mcfg.batch_size)) * mcfg.epochs
         info = {"seconds": seconds, "gradient_steps": steps, "retain_batches": steps}
-        out = _references(refs, final, seconds)
+        out = {"final": final, **gold.against_references(refs, final, seconds)}
     else:
         data_in = methods.MethodData(forget, retain, cfg.forget_class,
                                      data.num_classes(cfg.dataset))  # fmt: skip
@@ -280,14 +273,14 @@ def run_cell(cfg, method, mcfg, model, params, bs, train_split, test_split) -> d
         info = {k: v for k, v in result.info.items() if k != "calibration"}
         info["seconds"] = time.perf_counter() - start
         info["diverged"] = diverged(result.params)
+        final = {}
         if info["diverged"]:
             logging.warning("%s diverged (NaN or infinite parameters): no metrics", method)
-            out = _references(refs, {}, info["seconds"])
         else:
             final = gold.model_metrics(cfg, model, result.params, result.batch_stats,
                                        train_split, test_split,
                                        refs["retrained"]["forget_predictions"])  # fmt: skip
-            out = _references(refs, final, info["seconds"])
+        out = {"final": final, **gold.against_references(refs, final, info["seconds"])}
         out["calibration"] = result.info.get("calibration")
     return {"row": method, "method": method, "config": common._public(cfg),
             "method_config": result_files.to_jsonable(mcfg._asdict()), "info": info,
@@ -355,7 +348,7 @@ def pareto_counts(cells: list[dict]) -> dict[str, tuple[int, int]]:
             front = point is not None and not any(
                 q is not None and dominates(q, point) for q in points
             )
-            row = str(cell.get("row") or cell.get("method"))  # as fr.group_by_row names it
+            row = fr.row_name(cell)
             on, total = counts.get(row, (0, 0))
             counts[row] = (on + front, total + 1)
     return counts
@@ -396,10 +389,9 @@ def requests_markdown(cells: list[dict], dataset: str) -> str:
     for cell in cells:
         cfg = cell.get("config") or {}
         request = ("+".join(names[c] for c in cfg.get("forget_class", ())), cfg.get("seed"))
-        final = cell.get("final") or {}
-        text = (f"{final['forget_acc']:.2f} / {final['retain_acc']:.2f}"
-                if "forget_acc" in final and "retain_acc" in final else "diverged")  # fmt: skip
-        rows.setdefault(request, {})[str(cell.get("row"))] = text
+        point = _objectives(cell)
+        text = "diverged" if point is None else f"{point[0]:.2f} / {-point[1]:.2f}"
+        rows.setdefault(request, {})[fr.row_name(cell)] = text
     lines = ["## Per request: test forget / retain accuracy (%)", "",
              "| forget | seed | " + " | ".join(methods_seen) + " |",
              "|---|---|" + "---|" * len(methods_seen)]  # fmt: skip

@@ -173,8 +173,14 @@ def compare(cfg, model, base_params, base_batch_stats, params, batch_stats, trai
     refs = reference_metrics(cfg, model, base_params, base_batch_stats, train_split, test_split)
     final = model_metrics(cfg, model, params, batch_stats, train_split, test_split,
                           refs["retrained"]["forget_predictions"])  # fmt: skip
+    return {"final_metrics": final, **against_references(refs, final, seconds)}
+
+
+def against_references(refs: dict, final: dict, seconds: float) -> dict:
+    """The report's parts that set ``final`` (the unlearned model's metrics; {} for a run
+    that diverged) against ``reference_metrics``' models: retrained, base and control
+    metrics, the gap to retrained and the cost ratio."""
     return {
-        "final_metrics": final,
         "retrained": refs["retrained"],
         "base_metrics": refs["base"],
         "control": refs["control"],

@@ -91,10 +91,15 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
+def row_name(result: dict) -> str:
+    """The table row a result belongs to ("custom" for a run outside the reference rows)."""
+    return str(result.get("row") or "custom")
+
+
 def group_by_row(results: Sequence[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(str(r.get("row") or "custom"), []).append(r)
+        groups.setdefault(row_name(r), []).append(r)
     return groups
 
 
