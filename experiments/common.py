@@ -54,6 +54,9 @@ BASE_KEYS = (
     "train_optimizer", "train_lr", "train_momentum", "train_weight_decay", "train_schedule",
     "train_label_smoothing", "augment", "max_train_examples",
 )  # fmt: skip
+# Base-model settings added later: keyed only when not at their default, so that checkpoints
+# saved before they existed (which behaved as the default) keep their names.
+LATER_BASE_KEYS = ("train_nesterov", "train_decay_norm_bias", "resnet_padding")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -136,6 +139,13 @@ def define_flags(**defaults) -> None:
                       "Base learning-rate schedule.")
     flags.DEFINE_float("train_label_smoothing", d("train_label_smoothing"),
                        "Base model label smoothing.")
+    flags.DEFINE_bool("train_nesterov", d("train_nesterov"), "Base model Nesterov momentum (sgd).")
+    flags.DEFINE_bool("train_decay_norm_bias", d("train_decay_norm_bias"),
+                      "Base weight decay also on BatchNorm parameters and biases (false: kernels "
+                      "only).")
+    flags.DEFINE_enum("resnet_padding", d("resnet_padding"), list(models.PADDINGS),
+                      "ResNet 3x3 conv padding: same (Flax/TF: stride-2 pads after only) or "
+                      "symmetric (one pixel each side, as PyTorch).")
     flags.DEFINE_bool("augment", d("augment"), "Crop+flip augmentation (train and fine-tune).")
     flags.DEFINE_integer("max_train_examples", d("max_train_examples"),
                          "Use only the first N train images (0: all).")
@@ -317,7 +327,8 @@ _UNLEARN_FLAGS = {"lambda": "lambda", "lam": "lambda", "dt": "dt", "decay_steps"
 _OPTIMIZER_FLAGS = {"OptimizerConfig.name": "optimizer", "OptimizerConfig.learning_rate": "lr",
                     "OptimizerConfig.momentum": "momentum", "OptimizerConfig.schedule": "schedule",
                     "OptimizerConfig.weight_decay": "weight_decay",
-                    "OptimizerConfig.label_smoothing": "label_smoothing"}  # fmt: skip
+                    "OptimizerConfig.label_smoothing": "label_smoothing",
+                    "OptimizerConfig.nesterov": "nesterov"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -402,6 +413,7 @@ def base_optimizer(cfg: ExperimentConfig) -> train.OptimizerConfig:
         name=cfg.train_optimizer, learning_rate=cfg.train_lr,
         momentum=cfg.train_momentum, weight_decay=cfg.train_weight_decay,
         schedule=cfg.train_schedule, label_smoothing=cfg.train_label_smoothing,
+        nesterov=cfg.train_nesterov, decay_norm_and_bias=cfg.train_decay_norm_bias,
     )  # fmt: skip
 
 
@@ -454,14 +466,16 @@ def load_data(cfg: ExperimentConfig) -> tuple[data.Split, data.Split]:
 
 def build_model(cfg: ExperimentConfig):
     return models.get_model(
-        cfg.model, data.num_classes(cfg.dataset), cfg.width, DTYPES[cfg.compute_dtype]
-    )
+        cfg.model, data.num_classes(cfg.dataset), cfg.width, DTYPES[cfg.compute_dtype],
+        conv_padding=cfg.resnet_padding,
+    )  # fmt: skip
 
 
 def base_config(cfg: ExperimentConfig) -> dict:
     """Everything that determines the base model (its checkpoint's key)."""
     record = cfg.as_record()
     out = {k: record[k] for k in BASE_KEYS}
+    out.update({k: record[k] for k in LATER_BASE_KEYS if not _at_default(k, record[k])})
     out["tdu_jax_base_format"] = 1
     return out
 

@@ -41,6 +41,9 @@ class ExperimentConfig:
     train_weight_decay: float
     train_schedule: str  # "constant", "cosine" or "onecycle"
     train_label_smoothing: float = 0.0
+    train_nesterov: bool = False  # Nesterov momentum (sgd)
+    train_decay_norm_bias: bool = True  # weight decay on BatchNorm parameters and biases too
+    resnet_padding: str = "same"  # ResNet 3x3 conv padding: "same" or "symmetric"
     augment: bool  # crop+flip, in base training and fine-tuning
     # Units, importance and selection.
     granularity: str  # "weight" or "filter"

@@ -48,7 +48,7 @@ class OptimizerConfig(NamedTuple):
     """Optimizer and loss settings.
 
     Attributes:
-      name: "sgd" (heavy-ball momentum, not Nesterov) or "adam" (AdamW).
+      name: "sgd" (heavy-ball momentum; Nesterov with `nesterov`) or "adam" (AdamW).
       learning_rate: peak learning rate, > 0.
       momentum: SGD momentum in [0, 1) (0 disables it); ignored by adam.
       weight_decay: >= 0. For sgd a classic L2 term (`wd * param` added to the gradient of every
@@ -58,6 +58,9 @@ class OptimizerConfig(NamedTuple):
       warmup_steps: linear warmup steps from 0 (constant, cosine) or peak/25 (onecycle) to the
         peak; for onecycle 0 means 15% of the steps.
       label_smoothing: label smoothing of the cross-entropy in [0, 1).
+      nesterov: Nesterov momentum (sgd only).
+      decay_norm_and_bias: weight decay on every parameter (True), or only on kernels with
+        two or more dimensions, sparing BatchNorm scales and offsets and biases (False).
     """
 
     name: str = "sgd"
@@ -67,6 +70,8 @@ class OptimizerConfig(NamedTuple):
     schedule: str = "cosine"
     warmup_steps: int = 0
     label_smoothing: float = 0.0
+    nesterov: bool = False
+    decay_norm_and_bias: bool = True
 
 
 def validate_optimizer_config(config: OptimizerConfig) -> None:
@@ -89,6 +94,16 @@ def validate_optimizer_config(config: OptimizerConfig) -> None:
     for field, value, ok, allowed in checks:
         if not isinstance(value, int | float | np.number) or not ok(float(value)):
             raise ValueError(f"OptimizerConfig.{field} must be {allowed}; got {value!r}.")
+    for field in ("nesterov", "decay_norm_and_bias"):
+        if not isinstance(getattr(config, field), bool):
+            raise ValueError(
+                f"OptimizerConfig.{field} must be a bool; got {getattr(config, field)!r}."
+            )
+    if config.nesterov and not (config.name == "sgd" and config.momentum > 0):
+        raise ValueError(
+            "OptimizerConfig.nesterov needs name 'sgd' and momentum > 0; "
+            f"got name {config.name!r}, momentum {config.momentum}."
+        )
     warmup = config.warmup_steps
     if not isinstance(warmup, int | np.integer) or isinstance(warmup, bool) or warmup < 0:
         raise ValueError(f"OptimizerConfig.warmup_steps must be an int >= 0; got {warmup!r}.")
@@ -143,13 +158,20 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     """
     validate_optimizer_config(config)
     schedule = learning_rate_schedule(config, total_steps)
+    mask = None if config.decay_norm_and_bias else kernels_only
     if config.name == "adam":
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
     momentum = config.momentum or None
-    sgd = optax.sgd(schedule, momentum=momentum, nesterov=False)
+    sgd = optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov)
     if config.weight_decay == 0:
         return sgd
-    return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask), sgd)
+
+
+def kernels_only(params: PyTree) -> PyTree:
+    """Weight-decay mask: True for leaves with two or more dimensions (conv and dense kernels),
+    False for vectors (BatchNorm scales and offsets, biases)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
 def start_schedule_at(opt_state: optax.OptState, step: int) -> optax.OptState:

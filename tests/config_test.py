@@ -7,7 +7,8 @@ of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs
 --workdir=/tmp/tc_ref --nocompare_retrain``, and ``_public(config_from_flags("cifar10"))`` of
 ``cifar_ship --workdir=/tmp/tc_ref``), so they pin key names, values, order and hashes.
 Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session, the
-sweep sample sizes and fine-tune schedule of the sixth, the top-K budget of the eighth) were
+sweep sample sizes and fine-tune schedule of the sixth, the top-K budget of the eighth, the
+base recipe's Nesterov, weight-decay mask and ResNet padding of the twelfth) were
 added to them by hand: they change the record's hash, but not the base-model or
 retrained-model keys, which are pinned unchanged; a new setting at its default does not
 change the resume key (``common.resume_key``), so results recorded before it existed still
@@ -39,14 +40,16 @@ LENET_RECORD = {
     "forget_class": [0], "granularity": "weight", "importance_data": "forget",
     "importance_fraction": 1.0, "importance_score": "forget", "include": None,
     "include_bn": True, "max_test_examples": 200, "max_train_examples": 512, "model": "lenet",
-    "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
+    "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
+    "run_name": None,
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
     "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "per_layer",
-    "train_batch_size": 128,
+    "train_batch_size": 128, "train_decay_norm_bias": True,
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
-    "train_optimizer": "adam", "train_schedule": "cosine", "train_weight_decay": 0.0,
+    "train_nesterov": False, "train_optimizer": "adam", "train_schedule": "cosine",
+    "train_weight_decay": 0.0,
     "unit_chunk": 256, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1, "dataset": "mnist",
     "row": None,
 }  # fmt: skip
@@ -63,21 +66,24 @@ CIFAR_RECORD = {
     "forget_class": [8], "granularity": "filter", "importance_data": "forget",
     "importance_fraction": 1.0, "importance_score": "forget", "include": None,
     "include_bn": True, "max_test_examples": 0, "max_train_examples": 0, "model": "resnet18",
-    "preset": None, "reestimate": False, "retain_sample_size": 1000, "run_name": None,
+    "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
+    "run_name": None,
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
     "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "topk_budget": "global",
-    "train_batch_size": 128,
+    "train_batch_size": 128, "train_decay_norm_bias": True,
     "train_epochs": 20, "train_label_smoothing": 0.0, "train_lr": 0.1, "train_momentum": 0.9,
-    "train_optimizer": "sgd", "train_schedule": "onecycle", "train_weight_decay": 0.0005,
+    "train_nesterov": False, "train_optimizer": "sgd", "train_schedule": "onecycle",
+    "train_weight_decay": 0.0005,
     "unit_chunk": 32, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
-# Settings added after results were recorded, here at their defaults (sixth and eighth
-# sessions).
+# Settings added after results were recorded, here at their defaults (sixth, eighth and
+# twelfth sessions).
 NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule",
-                  "topk_budget")  # fmt: skip
+                  "topk_budget", "train_nesterov", "train_decay_norm_bias",
+                  "resnet_padding")  # fmt: skip
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -114,9 +120,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("4b9781ae2149fd01", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("047d1c150d20b6ad", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("625ad383e2f1a2bc", "67a34703f4e413dd",
+         ("352a06c1ba98b5c8", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -237,3 +243,18 @@ def test_a_table_run_through_shared_flags_takes_none_of_the_other_tables_choices
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {**CIFAR_RECORD, "compare_retrain": True, **explicit}  # reproduce's own choice
     assert {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v} == {}
+
+
+def test_later_base_settings_key_the_base_model_only_when_set():
+    cfg = ExperimentConfig.from_record(CIFAR_RECORD)
+    base = common.base_config(cfg)
+    assert not set(common.LATER_BASE_KEYS) & set(base)  # saved checkpoints keep their names
+    changes = {"resnet_padding": "symmetric", "train_nesterov": True,
+               "train_decay_norm_bias": False}  # fmt: skip
+    for name, value in changes.items():
+        assert common.base_config(dataclasses.replace(cfg, **{name: value})) == {
+            **base, name: value}  # fmt: skip
+    changed = dataclasses.replace(cfg, **changes)
+    assert common.build_model(changed).conv_padding == "symmetric"
+    optimizer = common.base_optimizer(changed)
+    assert optimizer.nesterov and not optimizer.decay_norm_and_bias

@@ -657,3 +657,50 @@ def test_compare_tune_grid_is_checked_before_any_work(tfds_dir, tmp_path):
     proc, output, _ = _run("compare", [f"--workdir={tmp_path}", "--tune"], tfds_dir)
     assert proc.returncode != 0 and "--tune_grid=0.01,0.1,1,10,100 differs" in output
     assert not (tmp_path / "compare" / "base").exists()  # refused before any training
+
+
+def test_base_recipe_ab_table_and_resume(tfds_dir, tmp_path):
+    from experiments import base_recipe
+
+    assert list(base_recipe.parse_variants("nesterov,cosine+nesterov")) == [
+        "baseline", "nesterov", "cosine+nesterov"]  # fmt: skip
+    assert base_recipe.parse_variants("cosine+nesterov")["cosine+nesterov"] == {
+        "train_schedule": "cosine", "train_nesterov": True}  # fmt: skip
+    # Paired differences: seed by seed against baseline, then the mean.
+    rows = {"baseline": {0: {"test_acc": 50.0, "test_acc_flip": 51.0, "train_acc": 60.0,
+                             "train_seconds": 2.0},
+                         1: {"test_acc": 54.0, "test_acc_flip": 55.0, "train_acc": 62.0,
+                             "train_seconds": 4.0}},
+            "x": {0: {"test_acc": 51.0, "test_acc_flip": 52.0, "train_acc": None,
+                      "train_seconds": None},
+                  1: {"test_acc": 57.0, "test_acc_flip": 57.0, "train_acc": None,
+                      "train_seconds": None}}}  # fmt: skip
+    summary = base_recipe.summarise(rows)
+    assert summary["x"]["diff_to_baseline"] == pytest.approx(2.0)  # (1 + 3) / 2
+    assert summary["x"]["test_acc"] == pytest.approx(54.0)
+    assert summary["x"]["test_acc_std"] == pytest.approx(np.std([51.0, 57.0], ddof=1))
+    assert summary["baseline"]["train_seconds"] == pytest.approx(3.0)
+    assert summary["x"]["train_acc"] is None
+
+    args = [f"--workdir={tmp_path}", "--model=resnet_tiny", "--max_train_examples=128",
+            "--max_test_examples=100", "--train_epochs=1", "--train_batch_size=64",
+            "--variants=symmetric_padding"]  # fmt: skip
+    bad = _run("base_recipe", [*args, "--variants=symmetric_padding,bogus"], tfds_dir)[0]
+    assert bad.returncode != 0 and "--variants: 'bogus' is not one of" in bad.stdout + bad.stderr
+    assert not (tmp_path / "base").exists()  # refused before any training
+    proc, output, _ = _run("base_recipe", args, tfds_dir)
+    _check_ok(proc, output)
+    result = _read(tmp_path / "base_recipe" / "base_recipe.json")
+    assert list(result["summary"]) == ["baseline", "symmetric_padding"]
+    runs = result["runs"]
+    assert runs["baseline"]["0"]["checkpoint"] != runs["symmetric_padding"]["0"]["checkpoint"]
+    for name in ("baseline", "symmetric_padding"):
+        assert 0 <= result["summary"][name]["test_acc_flip"] <= 100
+        assert result["summary"][name]["train_seconds"] > 0
+    markdown = (tmp_path / "base_recipe" / "base_recipe.md").read_text()
+    assert "| symmetric_padding | resnet_padding=symmetric |" in markdown
+    # A rerun trains nothing and reports the same numbers.
+    proc, output, _ = _run("base_recipe", args, tfds_dir)
+    _check_ok(proc, output)
+    assert "Training base" not in output and output.count("Reusing base model") == 2
+    assert _read(tmp_path / "base_recipe" / "base_recipe.json")["summary"] == result["summary"]

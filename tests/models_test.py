@@ -99,3 +99,29 @@ def test_get_model_errors():
         models.get_model("vgg")
     with pytest.raises(ValueError, match="width"):
         models.get_model("resnet18", width=0.0)
+
+
+@pytest.mark.parametrize("padding, offset", [("same", 1), ("symmetric", 0)])
+def test_stride2_conv_padding_centres(padding, offset):
+    # A 3x3 stride-2 conv whose kernel is 1 at the centre tap copies input pixel (2i + offset):
+    # Flax's SAME pads only after, so it reads 2i+1 while the 1x1 shortcut reads 2i.
+    from tdu_jax.models import resnet
+
+    conv = resnet._conv(1, (3, 3), (2, 2), padding=resnet._pad3x3(padding))
+    kernel = jnp.zeros((3, 3, 1, 1)).at[1, 1, 0, 0].set(1.0)
+    x = jnp.arange(64.0).reshape(1, 8, 8, 1)
+    y = conv.apply({"params": {"kernel": kernel}}, x)
+    np.testing.assert_array_equal(y[0, :, :, 0], x[0, offset::2, offset::2, 0])
+
+
+def test_symmetric_padding_same_parameters_other_function():
+    same = models.get_model("resnet_tiny")
+    symmetric = models.get_model("resnet_tiny", conv_padding="symmetric")
+    params, batch_stats = _init(same, (32, 32, 3))
+    chex.assert_trees_all_equal_shapes(params, _init(symmetric, (32, 32, 3))[0])
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = {"params": params, "batch_stats": batch_stats}
+    a, b = same.apply(variables, x), symmetric.apply(variables, x)
+    assert not np.allclose(a, b)  # the stride-2 convs read other pixels
+    with pytest.raises(ValueError, match="conv_padding must be one of same, symmetric"):
+        models.get_model("resnet18", conv_padding="valid")

@@ -328,3 +328,39 @@ def test_fine_tune_continues_schedule_and_stream(mnist, lenet):
             model, restarted, {}, mnist, num_batches=2, start_batch=start, **kwargs
         )
     assert not np.allclose(restarted["dense3"]["kernel"], p["dense3"]["kernel"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_weight_decay_on_kernels_only(name):
+    # Zero gradients: the update is the decay alone (first step, constant lr 0.1, wd 0.5).
+    config = train.OptimizerConfig(name=name, learning_rate=0.1, momentum=0.0, weight_decay=0.5,
+                                   schedule="constant", decay_norm_and_bias=False)  # fmt: skip
+    params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.array([4.0]),
+              "bn": {"scale": jnp.array([3.0])}}  # fmt: skip
+    tx = train.make_optimizer(config, 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)  # both: lr*wd*w
+    np.testing.assert_array_equal(updates["bias"], 0.0)
+    np.testing.assert_array_equal(updates["bn"]["scale"], 0.0)
+    everything = train.make_optimizer(config._replace(decay_norm_and_bias=True), 10)
+    updates, _ = everything.update(zeros, everything.init(params), params)
+    np.testing.assert_allclose(updates["bias"], -0.1 * 0.5 * 4.0, rtol=1e-6)
+
+
+def test_nesterov_two_steps_by_hand():
+    config = train.OptimizerConfig(learning_rate=0.1, momentum=0.9, weight_decay=0.0,
+                                   schedule="constant", nesterov=True)  # fmt: skip
+    tx = train.make_optimizer(config, 10)
+    params = {"w": jnp.array([0.0])}
+    state = tx.init(params)
+    got = []
+    for g in (1.0, 2.0):
+        updates, state = tx.update({"w": jnp.array([g])}, state, params)
+        got.append(float(updates["w"][0]))
+    # trace t = g + 0.9 t_prev; Nesterov step -lr (g + 0.9 t): t1 = 1, t2 = 2.9.
+    np.testing.assert_allclose(got, [-0.1 * (1 + 0.9), -0.1 * (2 + 0.9 * 2.9)], rtol=1e-6)
+    with pytest.raises(ValueError, match="OptimizerConfig.nesterov needs name 'sgd'"):
+        train.make_optimizer(_ADAM._replace(nesterov=True), 10)
+    with pytest.raises(ValueError, match="OptimizerConfig.nesterov needs"):
+        train.make_optimizer(config._replace(momentum=0.0), 10)

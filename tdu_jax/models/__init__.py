@@ -7,13 +7,19 @@ import jax
 import jax.numpy as jnp
 
 from tdu_jax.models.lenet import LeNet5
-from tdu_jax.models.resnet import ResNet, ResNet18, ResNetTiny
+from tdu_jax.models.resnet import PADDINGS, ResNet, ResNet18, ResNetTiny
 from tdu_jax.models.stages import Stage, apply_stages, stage_variables
 
 MODELS = ("lenet", "resnet18", "resnet_tiny")
 
 
-def get_model(name: str, num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32):
+def get_model(
+    name: str,
+    num_classes: int = 10,
+    width: float = 1.0,
+    dtype: Any = jnp.float32,
+    conv_padding: str = "same",
+):
     """Builds a model by name.
 
     Args:
@@ -21,6 +27,7 @@ def get_model(name: str, num_classes: int = 10, width: float = 1.0, dtype: Any =
       num_classes: number of logits.
       width: channel multiplier for ResNets (ignored by LeNet; must be > 0).
       dtype: ResNet computation dtype (parameters stay float32).
+      conv_padding: ResNet 3x3 conv padding, one of ``PADDINGS`` (ignored by LeNet).
 
     Returns:
       An unbound ``flax.linen.Module`` with a ``stages()`` method.
@@ -29,12 +36,14 @@ def get_model(name: str, num_classes: int = 10, width: float = 1.0, dtype: Any =
         raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
     if not width > 0:
         raise ValueError(f"width must be > 0; got {width}")
+    if conv_padding not in PADDINGS:
+        raise ValueError(f"conv_padding must be one of {', '.join(PADDINGS)}; got {conv_padding!r}")
     if name == "lenet":
         return LeNet5(num_classes=num_classes)
     family = ResNet18 if name == "resnet18" else ResNetTiny
     if name == "resnet_tiny":
         width = width * 0.125
-    return family(num_classes=num_classes, width=width, dtype=dtype)
+    return family(num_classes=num_classes, width=width, dtype=dtype, conv_padding=conv_padding)
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):
@@ -45,6 +54,7 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int
 
 __all__ = [
     "MODELS",
+    "PADDINGS",
     "LeNet5",
     "ResNet",
     "ResNet18",

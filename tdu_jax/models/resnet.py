@@ -5,6 +5,11 @@ Stages: ``stem``, ``stage{i}_block{j}`` (i, j from 1), ``head``. Inside a block:
 ``proj_bn``. Every conv is bias-free and followed by the BatchNorm whose name
 swaps ``conv`` for ``bn`` (the unit code relies on that pairing).
 ResNet18 (width 1): 11,173,962 parameters.
+
+``conv_padding`` sets how the 3x3 convs pad: ``"same"`` is Flax's (and TensorFlow's) SAME,
+which on a stride-2 conv pads one pixel after and none before, so the output's pixel i looks
+at input pixels 2i..2i+2 while the 1x1 stride-2 shortcut takes pixel 2i; ``"symmetric"`` pads
+one pixel on every side, as PyTorch's CIFAR ResNets do, and centres both branches on 2i.
 """
 
 import functools
@@ -18,6 +23,11 @@ import jax.numpy as jnp
 from tdu_jax.models.stages import Stage, call_stages
 
 _conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal())
+PADDINGS = ("same", "symmetric")
+
+
+def _pad3x3(conv_padding: str) -> str | tuple:
+    return "SAME" if conv_padding == "same" else ((1, 1), (1, 1))
 
 
 def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
@@ -29,10 +39,13 @@ def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
 class Stem(nn.Module):
     channels: int
     dtype: Any = jnp.float32
+    conv_padding: str = "same"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = _conv(self.channels, (3, 3), dtype=self.dtype, name="conv")(x.astype(self.dtype))
+        conv = _conv(self.channels, (3, 3), padding=_pad3x3(self.conv_padding), dtype=self.dtype,
+                     name="conv")  # fmt: skip
+        x = conv(x.astype(self.dtype))
         return nn.relu(_bn(train, "bn", self.dtype)(x))
 
 
@@ -42,13 +55,14 @@ class BasicBlock(nn.Module):
     channels: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv_padding: str = "same"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        s = (self.stride, self.stride)
-        y = _conv(self.channels, (3, 3), s, dtype=self.dtype, name="conv1")(x)
+        s, pad = (self.stride, self.stride), _pad3x3(self.conv_padding)
+        y = _conv(self.channels, (3, 3), s, padding=pad, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(_bn(train, "bn1", self.dtype)(y))
-        y = _conv(self.channels, (3, 3), dtype=self.dtype, name="conv2")(y)
+        y = _conv(self.channels, (3, 3), padding=pad, dtype=self.dtype, name="conv2")(y)
         y = _bn(train, "bn2", self.dtype)(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
@@ -79,20 +93,27 @@ class ResNet(nn.Module):
       num_classes: number of logits.
       width: channel multiplier (1.0 -> 64-128-256-512).
       dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on GPU.
+      conv_padding: "same" or "symmetric" padding of the 3x3 convs (module docstring).
     """
 
     stage_sizes: Sequence[int]
     num_classes: int = 10
     width: float = 1.0
     dtype: Any = jnp.float32
+    conv_padding: str = "same"
 
     def stages(self) -> tuple[Stage, ...]:
-        out = [Stage("stem", Stem(channels_for(64, self.width), dtype=self.dtype, parent=None))]
+        if self.conv_padding not in PADDINGS:
+            raise ValueError(
+                f"conv_padding must be one of {', '.join(PADDINGS)}; got {self.conv_padding!r}"
+            )
+        common = dict(dtype=self.dtype, conv_padding=self.conv_padding, parent=None)
+        out = [Stage("stem", Stem(channels_for(64, self.width), **common))]
         for i, size in enumerate(self.stage_sizes):
             channels = channels_for(64 * 2**i, self.width)
             for j in range(size):
                 stride = 2 if i > 0 and j == 0 else 1
-                block = BasicBlock(channels, stride, dtype=self.dtype, parent=None)
+                block = BasicBlock(channels, stride, **common)
                 out.append(Stage(f"stage{i + 1}_block{j + 1}", block))
         out.append(Stage("head", Head(self.num_classes, parent=None)))
         return tuple(out)
