@@ -8,7 +8,8 @@
 Each variant of ``--variants`` is the CIFAR table's base recipe (``cifar_ship.DEFAULTS`` with
 the flags given) plus one change; ``a+b`` combines changes. Every model is trained with the
 same seeds (``--seeds``) into the shared base-model cache (``<cache_dir or workdir>/base``),
-so a rerun resumes and ``reproduce`` reuses the model of the recipe it runs. For each variant:
+so a rerun resumes and ``reproduce`` reuses the model of the recipe it runs; an invocation with
+other variants or seeds of the same recipe adds its runs to the table. For each variant:
 test accuracy, its paired difference to ``baseline`` per seed, test accuracy with test-time
 flip (softmax averaged over the image and its mirror; reported beside, never instead), the
 last epoch's train accuracy and loss, and training seconds. Writes
@@ -25,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cifar_ship, common
-from tdu_jax import data, metrics, result_files
+from tdu_jax import checkpoint, data, metrics, result_files
 
 VARIANTS = {
     "baseline": {},
@@ -92,7 +93,7 @@ def train_one(cfg, train_split, test_split) -> dict:
     last = history[-1]
     return {"test_acc": acc, "test_acc_flip": acc_flip, "train_acc": last.get("train_acc"),
             "train_loss": last.get("loss"), "train_seconds": seconds,
-            "checkpoint": info["checkpoint"]}  # fmt: skip
+            "checkpoint": info["checkpoint"], "trained_now": info["trained_now"]}  # fmt: skip
 
 
 def summarise(rows: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -151,27 +152,55 @@ def main(argv):
         configs = {(name, seed): common.validate_config(
                        dataclasses.replace(cfg, seed=seed, **changes))
                    for name, changes in variants.items() for seed in seeds}  # fmt: skip
+        out_dir = pathlib.Path(cfg.workdir) / "base_recipe"
+        rows, variants = earlier_runs(out_dir, recipe_key(cfg), variants)
     train_split, test_split = common.load_data(cfg)
-    setup = {
-        "model": cfg.model, "width": cfg.width, "epochs": cfg.train_epochs,
-        "train images": train_split.size, "test images": test_split.size,
-        "dtype": cfg.compute_dtype, "seeds": ",".join(map(str, seeds)),
-        "machine": machine(),
-    }  # fmt: skip
-    out_dir = pathlib.Path(cfg.workdir) / "base_recipe"
-    rows: dict[str, dict[int, dict]] = {}
+    here = machine()
     for (name, seed), vcfg in configs.items():
         logging.info("Variant %s, seed %d: %s", name, seed, variants[name] or "the recipe")
-        rows.setdefault(name, {})[seed] = train_one(vcfg, train_split, test_split)
-        logging.info("Variant %s, seed %d: %s", name, seed, rows[name][seed])
+        row = train_one(vcfg, train_split, test_split)
+        before = rows.get(name, {}).get(seed, {})
+        row["machine"] = here if row.pop("trained_now") else before.get("machine", "unrecorded")
+        rows.setdefault(name, {})[seed] = row
+        logging.info("Variant %s, seed %d: %s", name, seed, row)
+        setup = {
+            "model": cfg.model, "width": cfg.width, "epochs": cfg.train_epochs,
+            "train images": train_split.size, "test images": test_split.size,
+            "dtype": cfg.compute_dtype,
+            "seeds": ",".join(map(str, sorted({s for r in rows.values() for s in r}))),
+            "trained on": "; ".join(sorted({r["machine"] for v in rows.values()
+                                            for r in v.values()})),
+        }  # fmt: skip
         summary = summarise(rows)
         result_files.write_json_atomic(out_dir / "base_recipe.json", {
-            "setup": setup, "variants": variants, "summary": summary, "runs": rows,
-            "versions": common.versions()})  # fmt: skip
+            "recipe_key": recipe_key(cfg), "setup": setup, "variants": variants,
+            "summary": summary, "runs": rows, "versions": common.versions()})  # fmt: skip
         result_files.write_text_atomic(out_dir / "base_recipe.md",
                                        markdown(setup, variants, summary))  # fmt: skip
     print(markdown(setup, variants, summarise(rows)))
 
+
+def recipe_key(cfg) -> str:
+    """What makes two invocations' tables one: the recipe and data, every seed alike."""
+    record = {k: v for k, v in common.base_config(cfg).items() if k != "seed"}
+    return checkpoint.config_key({**record, "max_test_examples": cfg.max_test_examples})
+
+
+def earlier_runs(out_dir: pathlib.Path, key: str, variants: dict) -> tuple[dict, dict]:
+    """The runs an earlier invocation recorded in ``out_dir`` (same recipe: they join this
+    table; another recipe: refused, never overwritten), and the variants of both."""
+    path = out_dir / "base_recipe.json"
+    if not path.is_file():
+        return {}, variants
+    saved = result_files.read_json(path)
+    if saved.get("recipe_key") != key:
+        raise ValueError(
+            f"{path} holds the A/B of another base recipe or data ({saved.get('setup')}); "
+            "use another --workdir, or move that folder away"
+        )
+    rows = {name: {int(seed): row for seed, row in by_seed.items()}
+            for name, by_seed in saved["runs"].items()}  # fmt: skip
+    return rows, {**saved["variants"], **variants}
 
 if __name__ == "__main__":
     common.define_flags(**cifar_ship.DEFAULTS)

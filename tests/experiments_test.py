@@ -704,3 +704,15 @@ def test_base_recipe_ab_table_and_resume(tfds_dir, tmp_path):
     _check_ok(proc, output)
     assert "Training base" not in output and output.count("Reusing base model") == 2
     assert _read(tmp_path / "base_recipe" / "base_recipe.json")["summary"] == result["summary"]
+    # Another variant of the same recipe joins the table (baseline reused); another recipe is
+    # refused before any training, and the table stays.
+    proc, output, _ = _run("base_recipe", [*args[:-1], "--variants=nesterov"], tfds_dir)
+    _check_ok(proc, output)
+    assert output.count("Training base") == 1
+    joined = _read(tmp_path / "base_recipe" / "base_recipe.json")
+    assert list(joined["summary"]) == ["baseline", "symmetric_padding", "nesterov"]
+    assert joined["summary"]["symmetric_padding"] == result["summary"]["symmetric_padding"]
+    proc, output, _ = _run("base_recipe", [*args, "--train_lr=0.05"], tfds_dir)
+    assert proc.returncode != 0 and "holds the A/B of another base recipe" in output
+    assert "Training base" not in output
+    assert _read(tmp_path / "base_recipe" / "base_recipe.json") == joined
