@@ -56,7 +56,8 @@ BASE_KEYS = (
 )  # fmt: skip
 # Base-model settings added later: keyed only when not at their default, so that checkpoints
 # saved before they existed (which behaved as the default) keep their names.
-LATER_BASE_KEYS = ("train_nesterov", "train_decay_norm_bias", "resnet_padding")
+LATER_BASE_KEYS = ("train_nesterov", "train_decay_norm_bias", "resnet_padding",
+                   "validation_examples")  # fmt: skip
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -149,6 +150,9 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_bool("augment", d("augment"), "Crop+flip augmentation (train and fine-tune).")
     flags.DEFINE_integer("max_train_examples", d("max_train_examples"),
                          "Use only the first N train images (0: all).")
+    flags.DEFINE_integer("validation_examples", d("validation_examples"),
+                         "Hold the last N train images (after --max_train_examples) out of "
+                         "base training, importance and fine-tuning, as a validation split.")
     flags.DEFINE_integer("max_test_examples", d("max_test_examples"),
                          "Use only the first N test images (0: all).")
     flags.DEFINE_integer("unit_chunk", d("unit_chunk"), "Units per importance call.")
@@ -303,7 +307,8 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
                  "retain_sample_size"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(cfg, name)}")
-    for name in ("train_epochs", "max_train_examples", "max_test_examples"):
+    for name in ("train_epochs", "max_train_examples", "max_test_examples",
+                 "validation_examples"):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0; got {getattr(cfg, name)}")
     with _as_flags(_UNLEARN_FLAGS):
@@ -452,7 +457,10 @@ def check_data(cfg: ExperimentConfig) -> None:
     logging.info("Data %s: %s", cfg.dataset, where)
 
 
-def load_data(cfg: ExperimentConfig) -> tuple[data.Split, data.Split]:
+def load_data(cfg: ExperimentConfig, with_validation: bool = False) -> tuple[data.Split, ...]:
+    """(train, test), or (train, test, validation) with ``with_validation``: the first
+    ``--max_train_examples`` train images, less the last ``--validation_examples`` of them,
+    which form the validation split (empty when 0)."""
     check_data(cfg)
     with Progress(f"loading {cfg.dataset}"):
         train_split = data.load_split(cfg.dataset, "train", cfg.data_dir)
@@ -461,7 +469,14 @@ def load_data(cfg: ExperimentConfig) -> tuple[data.Split, data.Split]:
         train_split = data.take(train_split, cfg.max_train_examples)
     if cfg.max_test_examples:
         test_split = data.take(test_split, cfg.max_test_examples)
-    return train_split, test_split
+    held = cfg.validation_examples
+    if held >= train_split.size:
+        raise UserError(f"--validation_examples={held} leaves no training images (the train "
+                        f"split has {train_split.size}); hold out fewer")  # fmt: skip
+    kept = train_split.size - held
+    validation = data.Split(train_split.images[kept:], train_split.labels[kept:])
+    train_split = data.take(train_split, kept)
+    return (train_split, test_split, validation) if with_validation else (train_split, test_split)
 
 
 def build_model(cfg: ExperimentConfig):

@@ -32,6 +32,7 @@ class ExperimentConfig:
     data_dir: str | None = None  # None: $TFDS_DATA_DIR, then TFDS's default
     max_train_examples: int = 0  # first N train images; 0: all
     max_test_examples: int = 0  # first N test images; 0: all
+    validation_examples: int = 0  # last N train images held out of all training and scoring
     # Base model (and the retrained gold standard: same recipe).
     train_epochs: int
     train_batch_size: int = 128

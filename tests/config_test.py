@@ -8,7 +8,8 @@ of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs
 ``cifar_ship --workdir=/tmp/tc_ref``), so they pin key names, values, order and hashes.
 Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session, the
 sweep sample sizes and fine-tune schedule of the sixth, the top-K budget of the eighth, the
-base recipe's Nesterov, weight-decay mask and ResNet padding of the twelfth) were
+base recipe's Nesterov, weight-decay mask, ResNet padding and validation hold-out of the
+twelfth) were
 added to them by hand: they change the record's hash, but not the base-model or
 retrained-model keys, which are pinned unchanged; a new setting at its default does not
 change the resume key (``common.resume_key``), so results recorded before it existed still
@@ -50,7 +51,8 @@ LENET_RECORD = {
     "train_epochs": 1, "train_label_smoothing": 0.0, "train_lr": 0.002, "train_momentum": 0.9,
     "train_nesterov": False, "train_optimizer": "adam", "train_schedule": "cosine",
     "train_weight_decay": 0.0,
-    "unit_chunk": 256, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1, "dataset": "mnist",
+    "unit_chunk": 256, "validation_examples": 0, "width": 1.0, "workdir": "/tmp/tc_ref",
+    "lam": 0.1, "dataset": "mnist",
     "row": None,
 }  # fmt: skip
 LENET_ARGS = ["--max_train_examples=512", "--max_test_examples=200", "--train_epochs=1",
@@ -76,14 +78,14 @@ CIFAR_RECORD = {
     "train_epochs": 20, "train_label_smoothing": 0.0, "train_lr": 0.1, "train_momentum": 0.9,
     "train_nesterov": False, "train_optimizer": "sgd", "train_schedule": "onecycle",
     "train_weight_decay": 0.0005,
-    "unit_chunk": 32, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
+    "unit_chunk": 32, "validation_examples": 0, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
 # Settings added after results were recorded, here at their defaults (sixth, eighth and
 # twelfth sessions).
 NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule",
                   "topk_budget", "train_nesterov", "train_decay_norm_bias",
-                  "resnet_padding")  # fmt: skip
+                  "resnet_padding", "validation_examples")  # fmt: skip
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -120,9 +122,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("047d1c150d20b6ad", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("4d111691a531cc32", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("352a06c1ba98b5c8", "67a34703f4e413dd",
+         ("e91ab3d6f9be25a6", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -250,7 +252,7 @@ def test_later_base_settings_key_the_base_model_only_when_set():
     base = common.base_config(cfg)
     assert not set(common.LATER_BASE_KEYS) & set(base)  # saved checkpoints keep their names
     changes = {"resnet_padding": "symmetric", "train_nesterov": True,
-               "train_decay_norm_bias": False}  # fmt: skip
+               "train_decay_norm_bias": False, "validation_examples": 500}  # fmt: skip
     for name, value in changes.items():
         assert common.base_config(dataclasses.replace(cfg, **{name: value})) == {
             **base, name: value}  # fmt: skip

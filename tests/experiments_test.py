@@ -716,3 +716,48 @@ def test_base_recipe_ab_table_and_resume(tfds_dir, tmp_path):
     assert proc.returncode != 0 and "holds the A/B of another base recipe" in output
     assert "Training base" not in output
     assert _read(tmp_path / "base_recipe" / "base_recipe.json") == joined
+
+
+def test_finetune_harm_grid_choice_and_resume(tfds_dir, tmp_path):
+    from experiments import finetune_harm
+
+    assert finetune_harm.parse_budgets("272,1e,0.5e") == ["272", "1e", "0.5e"]
+    for bad in ("0", "xe", "-1e", ""):
+        with pytest.raises(ValueError, match="--budgets"):
+            finetune_harm.parse_budgets(bad)
+    assert finetune_harm.budget_batches("1e", 1000, 128) == 8  # ceil(1000 / 128)
+    assert finetune_harm.budget_batches("0.5e", 1000, 128) == 4
+    assert finetune_harm.budget_batches("272", 1000, 128) == 272
+    a = {"lr": 0.01, "momentum": 0.9, "augment": True, "schedule": "constant"}
+    b = {**a, "schedule": "cosine"}
+    cells = {f"{finetune_harm.recipe_name(r)} | {budget}": {"validation_change": change}
+             for r, budget, change in [(a, "1", -0.1), (a, "2", -1.0), (b, "1", -0.5),
+                                       (b, "2", -0.4)]}  # fmt: skip
+    assert finetune_harm.choose(cells, [a, b], ["1", "2"]) == b  # worst -0.5 beats worst -1.0
+
+    args = [f"--workdir={tmp_path}", "--model=resnet_tiny", "--max_train_examples=384",
+            "--validation_examples=128", "--max_test_examples=100", "--train_epochs=1",
+            "--train_batch_size=64", "--batch_size=64", "--budgets=2,0.1e", "--grid_lr=0.01",
+            "--grid_augment=true", "--grid_schedule=constant,cosine"]  # fmt: skip
+    bad = _run("finetune_harm", [*args, "--validation_examples=0"], tfds_dir)[0]
+    assert bad.returncode != 0 and "--validation_examples must be >= 1" in bad.stdout + bad.stderr
+    proc, output, _ = _run("finetune_harm", args, tfds_dir)
+    _check_ok(proc, output)
+    result = _read(tmp_path / "finetune_harm" / "finetune_harm.json")
+    assert len(result["cells"]) == 4  # 2 recipes x 2 budgets
+    assert result["setup"]["validation images"] == 128
+    assert result["setup"]["retain-train images"] < 256  # the hold-out is out of training
+    assert {c["batches"] for c in result["cells"].values()} == {2, 1}  # 0.1 x ceil(n / 64)
+    for cell in result["cells"].values():
+        assert cell["validation_change"] == pytest.approx(
+            cell["validation_retain_acc"] - result["base_retain_acc"]["validation"])
+    assert result["chosen"] in [c["recipe"] for c in result["cells"].values()]
+    assert "(table's)" in (tmp_path / "finetune_harm" / "finetune_harm.md").read_text()
+    # A rerun measures nothing again; another base model's folder is refused, kept.
+    proc, output, _ = _run("finetune_harm", args, tfds_dir)
+    _check_ok(proc, output)
+    assert _read(tmp_path / "finetune_harm" / "finetune_harm.json") == result
+    proc, output, _ = _run("finetune_harm", [*args, "--train_lr=0.05"], tfds_dir)
+    assert proc.returncode != 0 and "holds the cells of another base model" in output
+    assert "Training base" not in output  # refused before any work
+    assert _read(tmp_path / "finetune_harm" / "finetune_harm.json") == result
