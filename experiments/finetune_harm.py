@@ -117,6 +117,7 @@ def markdown(setup: dict, base_acc: dict, cells: dict, recipes, budgets, chosen)
         "# Fine-tuning alone on an unchanged base model: retain accuracy change (points)",
         "",
         ", ".join(f"{k} {v}" for k, v in setup.items()),
+        "",
         f"Base retain accuracy: validation {base_acc['validation']:.2f}, test "
         f"{base_acc['test']:.2f}. Cells: validation / test change; chosen on validation "
         "(worst budget), marked **.",
