@@ -36,11 +36,17 @@ VARIANTS = {
     "nesterov": {"train_nesterov": True},
     "cosine": {"train_schedule": "cosine"},
 }
-flags.DEFINE_string("variants", ",".join(VARIANTS),
-                    f"Comma list of variants, each one of {', '.join(VARIANTS)} or several "
-                    "joined by '+' (all changes at once); baseline always runs.")  # fmt: skip
-flags.DEFINE_string("seeds", "0", "Comma list of seeds; every variant trains on each.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This entry point's flags, then every common one (only when run: importing this module
+    for its functions defines nothing)."""
+    flags.DEFINE_string("variants", ",".join(VARIANTS),
+                        f"Comma list of variants, each one of {', '.join(VARIANTS)} or several "
+                        "joined by '+' (all changes at once); baseline always runs.")  # fmt: skip
+    flags.DEFINE_string("seeds", "0", "Comma list of seeds; every variant trains on each.")
+    common.define_flags(**cifar_ship.DEFAULTS)
 
 
 def parse_variants(text: str) -> dict[str, dict]:
@@ -203,5 +209,5 @@ def earlier_runs(out_dir: pathlib.Path, key: str, variants: dict) -> tuple[dict,
     return rows, {**saved["variants"], **variants}
 
 if __name__ == "__main__":
-    common.define_flags(**cifar_ship.DEFAULTS)
+    define_flags()
     app.run(main)

@@ -26,15 +26,21 @@ from absl import app, flags, logging
 from experiments import cifar_ship, common
 from tdu_jax import checkpoint, data, metrics, result_files, train, unlearn
 
-flags.DEFINE_string("budgets", "272,1e,6e",
-                    "Comma list of fine-tuning budgets: a batch count, or epochs of the retain "
-                    "set with an 'e' (1e, 0.5e).")  # fmt: skip
-flags.DEFINE_string("grid_lr", "0.001,0.003,0.01", "Fine-tuning learning rates tried.")
-flags.DEFINE_string("grid_momentum", "0.9", "SGD momenta tried.")
-flags.DEFINE_string("grid_augment", "true,false", "Augmentation settings tried.")
-flags.DEFINE_string("grid_schedule", "constant,cosine",
-                    f"Schedules tried, of {', '.join(train.SCHEDULES)}.")  # fmt: skip
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This entry point's flags, then every common one (only when run: importing this module
+    for its functions defines nothing)."""
+    flags.DEFINE_string("budgets", "272,1e,6e",
+                        "Comma list of fine-tuning budgets: a batch count, or epochs of the "
+                        "retain set with an 'e' (1e, 0.5e).")  # fmt: skip
+    flags.DEFINE_string("grid_lr", "0.001,0.003,0.01", "Fine-tuning learning rates tried.")
+    flags.DEFINE_string("grid_momentum", "0.9", "SGD momenta tried.")
+    flags.DEFINE_string("grid_augment", "true,false", "Augmentation settings tried.")
+    flags.DEFINE_string("grid_schedule", "constant,cosine",
+                        f"Schedules tried, of {', '.join(train.SCHEDULES)}.")  # fmt: skip
+    common.define_flags(**cifar_ship.DEFAULTS)
 
 
 def parse_budgets(text: str) -> list[str]:
@@ -194,5 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.define_flags(**cifar_ship.DEFAULTS)
+    define_flags()
     app.run(main)
