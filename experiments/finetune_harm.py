@@ -84,8 +84,10 @@ def parse_grid(cfg) -> list[dict]:
              "schedule": cfg.finetune_schedule}  # fmt: skip
     grid = [dict(zip(table, values, strict=True))
             for values in itertools.product(lrs, momenta, augments, schedules)]  # fmt: skip
-    for recipe in grid:
-        train.validate_optimizer_config(optimizer(cfg, recipe))
+    names = {"OptimizerConfig.learning_rate": "lr", "OptimizerConfig.momentum": "momentum"}
+    with common._as_flags(names, prefix="grid_"):  # errors name --grid_lr / --grid_momentum
+        for recipe in grid:
+            train.validate_optimizer_config(optimizer(cfg, recipe))
     return [table] + [r for r in grid if r != table]
 
 

@@ -741,6 +741,8 @@ def test_finetune_harm_grid_choice_and_resume(tfds_dir, tmp_path):
             "--grid_augment=true", "--grid_schedule=constant,cosine"]  # fmt: skip
     bad = _run("finetune_harm", [*args, "--validation_examples=0"], tfds_dir)[0]
     assert bad.returncode != 0 and "--validation_examples must be >= 1" in bad.stdout + bad.stderr
+    bad = _run("finetune_harm", [*args, "--grid_momentum=1.0"], tfds_dir)[0]
+    assert bad.returncode != 0 and "--grid_momentum must be in [0, 1)" in bad.stdout + bad.stderr
     proc, output, _ = _run("finetune_harm", args, tfds_dir)
     _check_ok(proc, output)
     result = _read(tmp_path / "finetune_harm" / "finetune_harm.json")
