@@ -92,8 +92,7 @@ def train_one(cfg, train_split, test_split) -> dict:
     history = info.get("train_history")
     seconds = info.get("train_seconds")
     if history is None:  # reused: its training record lies beside the checkpoint
-        path = pathlib.Path(info["checkpoint"]) / common.TRAIN_HISTORY
-        saved = result_files.read_json(path) if path.is_file() else {}
+        saved = common.training_record(info["checkpoint"])
         history, seconds = saved.get("history") or [{}], saved.get("seconds")
     acc, acc_flip = flip_accuracy(model, params, batch_stats, test_split, cfg.dataset)
     last = history[-1]

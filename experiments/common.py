@@ -592,6 +592,12 @@ class Progress:
 TRAIN_HISTORY = "train_history.json"  # beside a trained model: {"history", "seconds"}
 
 
+def training_record(directory: str | os.PathLike) -> dict:
+    """The ``{"history", "seconds"}`` saved beside a trained model ({} if there is none)."""
+    path = pathlib.Path(directory) / TRAIN_HISTORY
+    return result_files.read_json(path) if path.is_file() else {}
+
+
 def train_or_restore(
     directory: str | os.PathLike,
     key_config: dict,
@@ -628,8 +634,7 @@ def train_or_restore(
             first = str(e).splitlines()[0]
             anew = anew or f"Delete {directory} to train it anew"
             raise UserError(f"{first} {anew}, or use another --workdir") from None
-        path = directory / TRAIN_HISTORY
-        saved = result_files.read_json(path) if path.is_file() else {}
+        saved = training_record(directory)
         return params, batch_stats, {"checkpoint": str(directory), "trained_now": False,
                                      "train_seconds": saved.get("seconds"),
                                      "train_history": saved.get("history")}  # fmt: skip

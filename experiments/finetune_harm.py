@@ -103,6 +103,10 @@ def recipe_name(recipe: dict) -> str:
     return f"lr {recipe['lr']:g}, mom {recipe['momentum']:g}, {aug}, {recipe['schedule']}"
 
 
+def cell_name(recipe: dict, budget: str) -> str:
+    return f"{recipe_name(recipe)} | {budget}"
+
+
 def retain_accuracies(model, params, batch_stats, cfg, splits: dict) -> dict:
     """Retain-class accuracy (%) on each split of ``splits`` ({name: Split})."""
     return {name: metrics.evaluate(model, params, batch_stats, split, dataset=cfg.dataset,
@@ -115,7 +119,7 @@ def choose(cells: dict, recipes: list[dict], budgets: list[str]) -> dict:
     equals; the table's recipe is first)."""
 
     def worst(recipe):
-        return min(cells[f"{recipe_name(recipe)} | {b}"]["validation_change"] for b in budgets)
+        return min(cells[cell_name(recipe, b)]["validation_change"] for b in budgets)
 
     return max(recipes, key=worst)
 
@@ -130,17 +134,16 @@ def markdown(setup: dict, base_acc: dict, cells: dict, recipes, budgets, chosen)
         f"{base_acc['test']:.2f}. Cells: validation / test change; chosen on validation "
         "(worst budget), marked **.",
         "",
-        "| recipe | " + " | ".join(f"{b} ({cells[f'{recipe_name(recipes[0])} | {b}']['batches']}"
-                                   " batches)" for b in budgets) + " |",
+        "| recipe | " + " | ".join(f"{b} ({cells[cell_name(recipes[0], b)]['batches']} batches)"
+                                   for b in budgets) + " |",
         "|---" * (len(budgets) + 1) + "|",
     ]  # fmt: skip
     for recipe in recipes:
-        name = recipe_name(recipe)
-        row = [f"{cells[f'{name} | {b}']['validation_change']:+.2f} / "
-               f"{cells[f'{name} | {b}']['test_change']:+.2f}" for b in budgets]  # fmt: skip
+        row = [f"{cells[cell_name(recipe, b)]['validation_change']:+.2f} / "
+               f"{cells[cell_name(recipe, b)]['test_change']:+.2f}" for b in budgets]  # fmt: skip
         mark = "**" if recipe == chosen else ""
         table = " (table's)" if recipe is recipes[0] else ""
-        lines.append(f"| {mark}{name}{table}{mark} | " + " | ".join(row) + " |")
+        lines.append(f"| {mark}{recipe_name(recipe)}{table}{mark} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +176,10 @@ def main(argv):
              "batch": cfg.batch_size, "weight decay": cfg.finetune_weight_decay,
              "optimizer": cfg.finetune_optimizer, "seed": cfg.seed}  # fmt: skip
     key = jax.random.fold_in(jax.random.key(cfg.seed), 7)  # one batch stream for every cell
+    record = {"base_key": base_key, "base": info["checkpoint"], "setup": setup,
+              "base_retain_acc": base_acc, "cells": cells}  # fmt: skip
     for recipe, budget in itertools.product(recipes, budgets):
-        name = f"{recipe_name(recipe)} | {budget}"
+        name = cell_name(recipe, budget)
         if name in cells:
             continue
         batches = budget_batches(budget, retain_train.size, cfg.batch_size)
@@ -189,13 +194,9 @@ def main(argv):
                        "validation_change": acc["validation"] - base_acc["validation"],
                        "test_change": acc["test"] - base_acc["test"]}  # fmt: skip
         logging.info("%s: %s", name, cells[name])
-        result_files.write_json_atomic(path, {"base_key": base_key, "base": info["checkpoint"],
-                                              "setup": setup, "base_retain_acc": base_acc,
-                                              "cells": cells})  # fmt: skip
-    chosen = choose(cells, recipes, budgets)
-    result_files.write_json_atomic(path, {"base_key": base_key, "base": info["checkpoint"],
-                                          "setup": setup, "base_retain_acc": base_acc,
-                                          "cells": cells, "chosen": chosen})  # fmt: skip
+        result_files.write_json_atomic(path, record)
+    record["chosen"] = chosen = choose(cells, recipes, budgets)
+    result_files.write_json_atomic(path, record)
     text = markdown(setup, base_acc, cells, recipes, budgets, chosen)
     result_files.write_text_atomic(out_dir / "finetune_harm.md", text)
     print(text)

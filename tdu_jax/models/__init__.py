@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from tdu_jax.models.lenet import LeNet5
-from tdu_jax.models.resnet import PADDINGS, ResNet, ResNet18, ResNetTiny
+from tdu_jax.models.resnet import PADDINGS, ResNet, ResNet18, ResNetTiny, check_padding
 from tdu_jax.models.stages import Stage, apply_stages, stage_variables
 
 MODELS = ("lenet", "resnet18", "resnet_tiny")
@@ -36,8 +36,7 @@ def get_model(
         raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
     if not width > 0:
         raise ValueError(f"width must be > 0; got {width}")
-    if conv_padding not in PADDINGS:
-        raise ValueError(f"conv_padding must be one of {', '.join(PADDINGS)}; got {conv_padding!r}")
+    check_padding(conv_padding)
     if name == "lenet":
         return LeNet5(num_classes=num_classes)
     family = ResNet18 if name == "resnet18" else ResNetTiny

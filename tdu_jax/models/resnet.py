@@ -26,6 +26,13 @@ _conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.h
 PADDINGS = ("same", "symmetric")
 
 
+def check_padding(conv_padding: str) -> str:
+    """``conv_padding`` if it is one of ``PADDINGS``, else a ValueError naming them."""
+    if conv_padding not in PADDINGS:
+        raise ValueError(f"conv_padding must be one of {', '.join(PADDINGS)}; got {conv_padding!r}")
+    return conv_padding
+
+
 def _pad3x3(conv_padding: str) -> str | tuple:
     return "SAME" if conv_padding == "same" else ((1, 1), (1, 1))
 
@@ -103,11 +110,7 @@ class ResNet(nn.Module):
     conv_padding: str = "same"
 
     def stages(self) -> tuple[Stage, ...]:
-        if self.conv_padding not in PADDINGS:
-            raise ValueError(
-                f"conv_padding must be one of {', '.join(PADDINGS)}; got {self.conv_padding!r}"
-            )
-        common = dict(dtype=self.dtype, conv_padding=self.conv_padding, parent=None)
+        common = dict(dtype=self.dtype, conv_padding=check_padding(self.conv_padding), parent=None)
         out = [Stage("stem", Stem(channels_for(64, self.width), **common))]
         for i, size in enumerate(self.stage_sizes):
             channels = channels_for(64 * 2**i, self.width)
