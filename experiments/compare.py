@@ -126,23 +126,34 @@ def next_factor(points: list[dict]) -> float | None:
     """The geometric midpoint of the neighbouring factors where the rule's outcome turns.
 
     With a point under the ceiling ("ok"): between the chosen point and a neighbour over it
-    ("fail"), where a gentler setting may keep more retain accuracy. With none: between a
-    failing point and a diverged neighbour, where a stronger setting may still be stable.
-    None when there is no such pair (e.g. every point fails and none diverged).
+    ("fail"), where a gentler setting may keep more retain accuracy; where "ok" neighbours tie
+    with the chosen point's retain accuracy (SSD at small alpha dampens everything alike),
+    from the last of that plateau instead (the lower side first). With none:
+    between a failing point and a diverged neighbour, where a stronger setting may still be
+    stable. None when there is no such pair (e.g. every point fails and none diverged).
     """
     ordered = sorted(points, key=lambda p: p["factor"])
     outcomes = [_outcome(p) for p in ordered]
     if "ok" in outcomes:
-        best = ordered.index(choose_tuned(points))
-        pairs = [(i, best) if i < best else (best, i) for i in (best - 1, best + 1)
-                 if 0 <= i < len(ordered) and outcomes[i] == "fail"]  # fmt: skip
+        low = high = ordered.index(choose_tuned(points))
+        best_retain = ordered[low]["retain_train_acc"]
+
+        def plateau(i: int) -> bool:
+            return outcomes[i] == "ok" and ordered[i]["retain_train_acc"] == best_retain
+
+        while low > 0 and plateau(low - 1):
+            low -= 1
+        while high < len(ordered) - 1 and plateau(high + 1):
+            high += 1
+        pairs = [pair for pair, edge in (((low - 1, low), low - 1), ((high, high + 1), high + 1))
+                 if 0 <= edge < len(ordered) and outcomes[edge] == "fail"]  # fmt: skip
     else:
         pairs = [(i, i + 1) for i in range(len(ordered) - 1)
                  if {outcomes[i], outcomes[i + 1]} == {"fail", "diverged"}]  # fmt: skip
     if not pairs:
         return None
-    low, high = pairs[0]
-    return calibrate.geometric_midpoint(ordered[low]["factor"], ordered[high]["factor"])
+    below, above = pairs[0]
+    return calibrate.geometric_midpoint(ordered[below]["factor"], ordered[above]["factor"])
 
 
 def scaled(mcfg, factor: float):

@@ -77,6 +77,23 @@ def test_next_factor_bisects_where_the_outcome_turns():
     assert compare.next_factor(lr_like) == 0.3162
     alpha_like = [_point(0.1, 0.0, 90.0), _point(1.0, 3.0, 95.0), _point(10.0, 60.0, 99.0)]
     assert compare.next_factor(alpha_like) == 3.162
+    # Equal retain accuracy at two "ok" factors (SSD at small alpha: everything dampened):
+    # the rule picks one, and the search goes past the tie to the first failing factor.
+    tied = [
+        _point(0.01, 0.0, 11.8),
+        _point(0.1, 0.0, 11.8),
+        _point(1.0, 73.0, 52.7),
+        _point(10.0, 73.0, 52.7),
+    ]
+    assert compare.next_factor(tied) == 0.3162
+    # A chosen point between "ok" neighbours with less retain accuracy: nothing to bisect.
+    interior = [
+        _point(0.1, 0.0, 80.0),
+        _point(1.0, 0.0, 95.0),
+        _point(10.0, 1.0, 90.0),
+        _point(100.0, 50.0, 99.0),
+    ]
+    assert compare.next_factor(interior) is None
     # Every point fails and none diverged: nothing to bisect.
     assert compare.next_factor([_point(0.1, 90.0), _point(1.0, 80.0)]) is None
 
