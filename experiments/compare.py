@@ -145,8 +145,11 @@ def next_factor(points: list[dict]) -> float | None:
             low -= 1
         while high < len(ordered) - 1 and plateau(high + 1):
             high += 1
-        pairs = [pair for pair, edge in (((low - 1, low), low - 1), ((high, high + 1), high + 1))
-                 if 0 <= edge < len(ordered) and outcomes[edge] == "fail"]  # fmt: skip
+        pairs = []
+        if low > 0 and outcomes[low - 1] == "fail":
+            pairs.append((low - 1, low))
+        if high < len(ordered) - 1 and outcomes[high + 1] == "fail":
+            pairs.append((high, high + 1))
     else:
         pairs = [(i, i + 1) for i in range(len(ordered) - 1)
                  if {outcomes[i], outcomes[i + 1]} == {"fail", "diverged"}]  # fmt: skip
