@@ -162,11 +162,12 @@ def define_flags(**defaults) -> None:
                       "Evaluate on test after every decay step.")
     flags.DEFINE_enum("importance_score", d("importance_score"),
                       list(selective.IMPORTANCE_SCORES),
-                      "forget: drop on the forget sample; selective: minus beta x retain drop.")
+                      "forget: drop on the forget sample; selective: minus beta x retain drop; "
+                      "ratio: forget loss increase per retain loss increase.")
     flags.DEFINE_float("selective_beta", d("selective_beta"),
                        "Weight of the retain drop in the selective score.")
     flags.DEFINE_integer("retain_sample_size", d("retain_sample_size"),
-                         "Retain-class images scored by the selective score.")
+                         "Retain-class images scored by the selective and ratio scores.")
     flags.DEFINE_bool("calibrate", d("calibrate"),
                       "Size K and dt per request by the train-split sweep (tdu_jax.calibrate).")
     flags.DEFINE_string("sweep_top_k", d("sweep_top_k"),
@@ -698,43 +699,60 @@ def retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:
     return calibrate.subsample(retain, cfg.retain_sample_size, cfg.seed)
 
 
+def scored_retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split | None:
+    """The retain sample when cfg's importance score uses one (selective, ratio), else None."""
+    if selective.needs_retain_sample(cfg.importance_score):
+        return retain_sample(cfg, train_split)
+    return None
+
+
 def compute_importance(cfg, model, params, batch_stats, train_split, spec):
-    """Importance of ``spec``'s units for cfg's sample and score (forget or selective)."""
+    """Importance of ``spec``'s units for cfg's sample and score (tdu_jax.selective).
 
-    def score(split):
-        logging.info("Importance of %d units on %d images", spec.num_units, split.size)
-        return importance.ablation_importance(
-            model, params, batch_stats, data.to_float(split.images, cfg.dataset),
-            split.labels, spec, unit_chunk=cfg.unit_chunk, sample_batch=cfg.sample_batch,
-            progress=Progress("importance"),
-        )  # fmt: skip
+    The forget-sample pass and, for the selective and ratio scores, the retain-sample pass
+    are cached apart (``importance_key``), so every score and beta reuses the same passes.
+    """
 
-    def compute():
-        imp = score(importance_sample(cfg, train_split))
-        if cfg.importance_score == "selective":
-            imp = selective.selective_importance(
-                imp, score(retain_sample(cfg, train_split)), cfg.selective_beta
-            )
-        return imp
+    def cached_score(sample_kind, split):
+        def compute():
+            logging.info("Importance of %d units on %d images", spec.num_units, split.size)
+            return importance.ablation_importance(
+                model, params, batch_stats, data.to_float(split.images, cfg.dataset),
+                split.labels, spec, unit_chunk=cfg.unit_chunk, sample_batch=cfg.sample_batch,
+                progress=Progress("importance"),
+            )  # fmt: skip
 
-    key = importance_key(cfg, params, batch_stats)
-    name = importance_cache.cache_path("", key).name
-    return importance_cache.cached(cached_at(cfg, "importance", name).parent.parent, key, compute)
+        key = importance_key(cfg, params, batch_stats, sample_kind)
+        name = importance_cache.cache_path("", key).name
+        folder = cached_at(cfg, "importance", name).parent.parent
+        return importance_cache.cached(folder, key, compute)
+
+    forget = cached_score("forget", importance_sample(cfg, train_split))
+    if not selective.needs_retain_sample(cfg.importance_score):
+        return forget
+    retain = cached_score("retain", retain_sample(cfg, train_split))
+    return selective.combine(cfg.importance_score, forget, retain, cfg.selective_beta)
 
 
-def importance_key(cfg: ExperimentConfig, params, batch_stats) -> dict:
-    """Everything that determines importance scores: the model's variables, the sample, the
-    units and the estimator (not chunk sizes, which only bound memory)."""
+def importance_key(cfg: ExperimentConfig, params, batch_stats, sample_kind: str) -> dict:
+    """Everything that determines one ablation pass's scores: the model's variables, the
+    sample (``sample_kind``: "forget", cfg's importance sample, or "retain", cfg's retain
+    sample), the units and the estimator (not chunk sizes, which only bound memory)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(jax.device_get((params, batch_stats))):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     keys = ("dataset", "model", "width", "compute_dtype", "forget_class", "importance_data",
             "importance_fraction", "seed", "max_train_examples", "granularity", "include",
-            "exclude", "include_bn", "importance_score")  # fmt: skip
+            "exclude", "include_bn")  # fmt: skip
     record = cfg.as_record()
     out = {k: record[k] for k in keys}
-    if cfg.importance_score == "selective":
-        out.update(selective_beta=cfg.selective_beta, retain_size=cfg.retain_sample_size)
+    # "importance_score": "forget" keeps the key of the caches written before the passes
+    # were cached apart, when the forget pass was the whole forget score's.
+    out.update(importance_score="forget")
+    if sample_kind == "retain":
+        out.update(sample="retain", retain_size=cfg.retain_sample_size)
+    elif sample_kind != "forget":
+        raise ValueError(f"sample_kind must be forget or retain; got {sample_kind!r}")
     out.update(variables_sha256=digest.hexdigest(), estimator="exact ablation",
                data_version=data._VERSIONS[cfg.dataset])  # fmt: skip
     return out
@@ -773,7 +791,7 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
         sweep = calibrate_decay(cfg, model, params, batch_stats, train_split, precomputed, spec)
     forget, retain = data.forget_retain(train_split, cfg.forget_class)
     sample = importance_sample(cfg, train_split)
-    extra = retain_sample(cfg, train_split) if cfg.importance_score == "selective" else None
+    extra = scored_retain_sample(cfg, train_split)
 
     def run(top_k, dt):
         ucfg = unlearn_config(dataclasses.replace(cfg, top_k=top_k, dt=dt), retain.size)
@@ -938,7 +956,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
         model, params, batch_stats, dataset=cfg.dataset,
         data_in=unlearn.UnlearnData(
             sample, retain_train, test_split, cfg.forget_class,
-            retain_sample(cfg, train_split) if cfg.importance_score == "selective" else None,
+            scored_retain_sample(cfg, train_split),
         ),
         config=ucfg, key=run_key(cfg), event=event,
         precomputed=precomputed,

@@ -5,9 +5,10 @@
 
 For each request (forget class x seed) and each score of ``--scores`` (``forget``: the
 accuracy drop on the forget sample; ``selective``: minus ``--selective_beta`` x the drop on a
-retain sample), decays the top-K units for every (K, dt) of the calibration grid
-(``--sweep_top_k`` x ``--sweep_dt``, the table's no-fine-tune lambda and T) and scores forget-
-and retain-train accuracy, as ``tdu_jax.calibrate.sweep_decay`` does. Writes
+retain sample; ``ratio``: the forget loss increase per retain loss increase), decays the
+top-K units for every (K, dt) of the calibration grid (``--sweep_top_k`` x ``--sweep_dt``,
+the table's no-fine-tune lambda and T) and scores forget- and retain-train accuracy, as
+``tdu_jax.calibrate.sweep_decay`` does. Writes
 ``<workdir>/tradeoff/tradeoff.json`` and ``tradeoff-<class>-seed<s>.png`` (one series per
 score, its Pareto front, and the point the calibration rule picks). Nothing looks at test data.
 """
@@ -65,7 +66,8 @@ def main(argv):
                 imp = common.compute_importance(req, model, params, bs, train_split, spec)
                 sweep = common.calibrate_decay(req, model, params, bs, train_split, imp, spec,
                                                retain_all_points=True)  # fmt: skip
-                label = score if score == "forget" else f"{score} (beta {req.selective_beta:g})"
+                beta = f" (beta {req.selective_beta:g})" if score == "selective" else ""
+                label = score + beta
                 point = lambda p: (p["forget_train_acc"], p["retain_train_acc"])
                 curves[label] = [point(p) for p in sweep["points"]]
                 chosen[label] = point(sweep["chosen_point"])

@@ -10,15 +10,25 @@ ablation engine on a retain-class sample and subtracts it::
 
 ``beta = 1`` weighs a point of retain accuracy like a point of forget accuracy. A unit that
 helps the forget class as much as the others scores ~0; one that only the forget class uses
-keeps its full score. (SSD uses a ratio of Fisher importances instead; a difference keeps
-the exact-ablation scale and has no division by near-zero retain scores.)
+keeps its full score.
+
+The ratio score (``importance_score="ratio"``), closer to SSD's ratio of Fisher importances,
+ranks units by how much forget loss their removal adds per nat of retain loss::
+
+    ratio(u) = max(forget_loss_inc(u), 0) / (max(retain_loss_inc(u), 0) + RATIO_EPS)
+
+Accuracy drops are left out (on a few thousand images they move in coarse steps and would
+dominate the ranking); a unit whose removal helps the retained classes gets the full forget
+loss over ``RATIO_EPS`` rather than a negative denominator. ``RATIO_EPS`` = 1e-3 nats was
+fixed on four LeNet requests (digits 7, 6, 7, 8; seeds 0, 1, 2, 2) before any table was run.
 """
 
 import numpy as np
 
 from tdu_jax.importance import Importance
 
-IMPORTANCE_SCORES = ("forget", "selective")
+IMPORTANCE_SCORES = ("forget", "selective", "ratio")
+RATIO_EPS = 1e-3  # nats: the ratio score's floor on the retain loss increase
 
 
 def check_importance_score(score: str) -> str:
@@ -27,6 +37,16 @@ def check_importance_score(score: str) -> str:
             f"importance_score must be one of {', '.join(IMPORTANCE_SCORES)}; got {score!r}"
         )
     return score
+
+
+def needs_retain_sample(score: str) -> bool:
+    """Whether ``score`` also runs the ablation engine on a retain-class sample."""
+    return check_importance_score(score) != "forget"
+
+
+def _check_same_units(forget: Importance, retain: Importance) -> None:
+    if not np.array_equal(forget.units, retain.units):
+        raise ValueError("forget and retain importance must score the same units in one order")
 
 
 def selective_importance(forget: Importance, retain: Importance, beta: float = 1.0) -> Importance:
@@ -44,10 +64,37 @@ def selective_importance(forget: Importance, retain: Importance, beta: float = 1
     """
     if not beta >= 0:
         raise ValueError(f"selective beta must be >= 0; got {beta}")
-    if not np.array_equal(forget.units, retain.units):
-        raise ValueError("forget and retain importance must score the same units in one order")
+    _check_same_units(forget, retain)
     return forget._replace(
         accuracy_drop=forget.accuracy_drop - beta * retain.accuracy_drop,
         loss_increase=forget.loss_increase - beta * retain.loss_increase,
         seconds=forget.seconds + retain.seconds,
     )
+
+
+def ratio_importance(forget: Importance, retain: Importance) -> Importance:
+    """Ranks units by forget loss increase per retain loss increase (module docstring).
+
+    Returns:
+      ``Importance`` with ``loss_increase`` the ratio (forget nats per retain nat, >= 0) and
+      ``accuracy_drop`` zero, so ``decay.rank_units`` orders by the ratio alone;
+      ``base_*``/``sample_size`` are the forget sample's, ``seconds`` the sum of both.
+    """
+    _check_same_units(forget, retain)
+    ratio = np.maximum(forget.loss_increase, 0) / (np.maximum(retain.loss_increase, 0) + RATIO_EPS)
+    return forget._replace(
+        accuracy_drop=np.zeros_like(forget.accuracy_drop),
+        loss_increase=ratio.astype(forget.loss_increase.dtype),
+        seconds=forget.seconds + retain.seconds,
+    )
+
+
+def combine(score: str, forget: Importance, retain: Importance | None, beta: float = 1.0):
+    """The ``score``'s importance from the forget-sample (and retain-sample) scores."""
+    if not needs_retain_sample(score):
+        return forget
+    if retain is None:
+        raise ValueError(f"importance_score={score} needs the retain sample's importance")
+    if score == "selective":
+        return selective_importance(forget, retain, beta)
+    return ratio_importance(forget, retain)

@@ -59,7 +59,7 @@ class UnlearnConfig(NamedTuple):
     evaluate_each_step: bool = True
     unit_chunk: int = 256
     sample_batch: int = 1024
-    importance_score: str = "forget"  # "forget" | "selective" (see tdu_jax.selective)
+    importance_score: str = "forget"  # "forget" | "selective" | "ratio" (tdu_jax.selective)
     selective_beta: float = 1.0  # weight of the retain-sample drop in the selective score
 
 
@@ -70,7 +70,7 @@ class UnlearnData(NamedTuple):
     retain_train: data.Split
     test: data.Split
     forget_classes: tuple[int, ...]
-    retain_sample: data.Split | None = None  # importance_score="selective": retain-class sample
+    retain_sample: data.Split | None = None  # selective/ratio importance: retain-class sample
 
 
 class UnlearnResult(NamedTuple):
@@ -208,9 +208,11 @@ def init_unlearn(
     validate_unlearn_config(config, spec.num_units)
     if data_in.importance_sample.size == 0 and config.selection == "topk":
         raise ValueError("importance sample is empty")
-    if config.importance_score == "selective" and config.selection == "topk":
+    if selective.needs_retain_sample(config.importance_score) and config.selection == "topk":
         if data_in.retain_sample is None or data_in.retain_sample.size == 0:
-            raise ValueError("importance_score=selective needs a non-empty retain_sample")
+            raise ValueError(
+                f"importance_score={config.importance_score} needs a non-empty retain_sample"
+            )
     select_key, finetune_key = jax.random.split(key)
     prep = adapters.preprocess_fn(dataset, preprocess)
     setup = UnlearnSetup(
@@ -311,12 +313,12 @@ def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
         return state._replace(selected=selected, importance=setup.precomputed)
     start = time.perf_counter()
     imp = _score(setup, state, setup.sample_x, setup.sample_y)
-    if config.importance_score == "selective":
+    if selective.needs_retain_sample(config.importance_score):
         retain = setup.data_in.retain_sample
         retain_imp = _score(
             setup, state, setup.prep(retain.images), np.asarray(retain.labels, np.int32)
         )
-        imp = selective.selective_importance(imp, retain_imp, config.selective_beta)
+        imp = selective.combine(config.importance_score, imp, retain_imp, config.selective_beta)
     timings = _add_seconds(state.timings, "importance", start)
     selected = decay.select_top_k(imp, config.top_k, config.topk_budget, setup.spec)
     return state._replace(selected=selected, importance=imp, timings=timings)

@@ -63,7 +63,24 @@ def test_selective_importance_rejects_mismatch_and_negative_beta():
     with pytest.raises(ValueError, match="beta"):
         selective.selective_importance(_imp([1], [0]), _imp([1], [0]), -1.0)
     with pytest.raises(ValueError, match="importance_score"):
-        selective.check_importance_score("ratio")
+        selective.check_importance_score("fisher")
+
+
+def test_ratio_importance_by_hand():
+    # forget loss increases 0.5, 0.2, -0.1, 0.3; retain 0.099, -0.05, 0.0, 0.299 (nats).
+    forget = _imp([1.0, 0.0, 0.0, 2.0], [0.5, 0.2, -0.1, 0.3])
+    retain = _imp([0.0, 0.0, 0.0, 1.0], [0.099, -0.05, 0.0, 0.299])
+    out = selective.ratio_importance(forget, retain)
+    # 0.5 / 0.1 = 5; 0.2 / 0.001 = 200 (retain helped: floor); 0 / 0.001 = 0; 0.3 / 0.3 = 1.
+    np.testing.assert_allclose(out.loss_increase, [5.0, 200.0, 0.0, 1.0])
+    np.testing.assert_array_equal(out.accuracy_drop, [0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(decay.rank_units(out), [1, 0, 3, 2])
+    assert out.seconds == 4.0 and out.sample_size == 10
+    assert selective.combine("ratio", forget, retain).loss_increase[1] == out.loss_increase[1]
+    assert selective.combine("forget", forget, None) is forget
+    assert selective.needs_retain_sample("ratio") and not selective.needs_retain_sample("forget")
+    with pytest.raises(ValueError, match="retain sample"):
+        selective.combine("selective", forget, None)
 
 
 def _tiny_request():

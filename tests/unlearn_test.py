@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tdu_jax as tdu
-from tdu_jax import data, decay, importance, metrics, models, train, units, unlearn
+from tdu_jax import data, decay, importance, metrics, models, selective, train, units, unlearn
 
 # Filter units of the dense layers only (120 + 84 + 10 = 214): three jitted chunk functions.
 _BASE = unlearn.UnlearnConfig(
@@ -231,6 +231,26 @@ def test_per_layer_budget_selects_from_every_layer(setup):
     assert set(layers) == set(range(len(spec.layers)))  # every layer gets its share
     with pytest.raises(ValueError, match="topk_budget must be one of"):
         _run(setup, topk_budget="layers")
+
+
+@pytest.mark.parametrize("score", ["selective", "ratio"])
+def test_retain_relative_scores_combine_both_samples(setup, score):
+    model, params, batch_stats, data_in = setup
+    retain = data.take(data_in.retain_train, 48)
+    with pytest.raises(ValueError, match=f"importance_score={score} needs a non-empty"):
+        _run(setup, importance_score=score)  # no retain sample given
+    with_retain = (model, params, batch_stats, data_in._replace(retain_sample=retain))
+    config = _BASE._replace(importance_score=score, selective_beta=0.5)
+    result = _call(unlearn.unlearn, with_retain, config)
+    retain_imp = importance.ablation_importance(
+        model, params, batch_stats, data.to_float(retain.images, "mnist"), retain.labels,
+        _spec(params), unit_chunk=50, sample_batch=64,
+    )  # fmt: skip
+    forget_imp = _importance(setup, params)
+    expected = (selective.selective_importance(forget_imp, retain_imp, 0.5) if score == "selective"
+                else selective.ratio_importance(forget_imp, retain_imp))  # fmt: skip
+    np.testing.assert_allclose(result.importance.loss_increase, expected.loss_increase, atol=1e-6)
+    np.testing.assert_array_equal(result.selected, decay.select_top_k(expected, 12))
 
 
 def test_lambda_zero_changes_nothing(setup):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdu_jax import calibrate, data, train, unlearn
+from tdu_jax import calibrate, data, selective, train, unlearn
 from tdu_jax.methods import base
 from tdu_jax.methods.base import MethodData, MethodResult, PyTree
 
@@ -34,7 +34,7 @@ class DecayConfig(NamedTuple):
 
     unlearn: unlearn.UnlearnConfig = unlearn.UnlearnConfig(evaluate_each_step=False)
     importance_fraction: float = 1.0
-    retain_sample_size: int = 1000  # retain images scored by importance_score="selective"
+    retain_sample_size: int = 1000  # retain images scored by importance_score selective/ratio
     calibrate: bool = False  # size K and dt by the train-split sweep (tdu_jax.calibrate)
     sweep_top_k: tuple = (300, 1000, 3000)
     sweep_dt: tuple = (0.25, 0.5, 1.0)
@@ -91,7 +91,7 @@ def decay(
             int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max)),
         )
     seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
-    selective_score = config.unlearn.importance_score == "selective"
+    selective_score = selective.needs_retain_sample(config.unlearn.importance_score)
     unlearn_data = unlearn.UnlearnData(
         importance_sample=sample,
         retain_train=data_in.retain_train,
