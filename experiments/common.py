@@ -709,11 +709,12 @@ def scored_retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data
 def compute_importance(cfg, model, params, batch_stats, train_split, spec):
     """Importance of ``spec``'s units for cfg's sample and score (tdu_jax.selective).
 
-    The forget-sample pass and, for the selective and ratio scores, the retain-sample pass
-    are cached apart (``importance_key``), so every score and beta reuses the same passes.
+    The forget-sample pass (``importance_key``) and, for the selective and ratio scores, the
+    retain-sample pass (the same key naming the retain sample) are cached apart, so every
+    score and beta reuses the same passes.
     """
 
-    def cached_score(sample_kind, split):
+    def cached_score(key, split):
         def compute():
             logging.info("Importance of %d units on %d images", spec.num_units, split.size)
             return importance.ablation_importance(
@@ -722,22 +723,22 @@ def compute_importance(cfg, model, params, batch_stats, train_split, spec):
                 progress=Progress("importance"),
             )  # fmt: skip
 
-        key = importance_key(cfg, params, batch_stats, sample_kind)
         name = importance_cache.cache_path("", key).name
         folder = cached_at(cfg, "importance", name).parent.parent
         return importance_cache.cached(folder, key, compute)
 
-    forget = cached_score("forget", importance_sample(cfg, train_split))
+    forget_key = importance_key(cfg, params, batch_stats)
+    forget = cached_score(forget_key, importance_sample(cfg, train_split))
     if not selective.needs_retain_sample(cfg.importance_score):
         return forget
-    retain = cached_score("retain", retain_sample(cfg, train_split))
+    retain_key = {**forget_key, "sample": "retain", "retain_size": cfg.retain_sample_size}
+    retain = cached_score(retain_key, retain_sample(cfg, train_split))
     return selective.combine(cfg.importance_score, forget, retain, cfg.selective_beta)
 
 
-def importance_key(cfg: ExperimentConfig, params, batch_stats, sample_kind: str) -> dict:
-    """Everything that determines one ablation pass's scores: the model's variables, the
-    sample (``sample_kind``: "forget", cfg's importance sample, or "retain", cfg's retain
-    sample), the units and the estimator (not chunk sizes, which only bound memory)."""
+def importance_key(cfg: ExperimentConfig, params, batch_stats) -> dict:
+    """Everything that determines the forget-sample pass's scores: the model's variables, the
+    sample, the units and the estimator (not chunk sizes, which only bound memory)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(jax.device_get((params, batch_stats))):
         digest.update(np.ascontiguousarray(leaf).tobytes())
@@ -749,10 +750,6 @@ def importance_key(cfg: ExperimentConfig, params, batch_stats, sample_kind: str)
     # "importance_score": "forget" keeps the key of the caches written before the passes
     # were cached apart, when the forget pass was the whole forget score's.
     out.update(importance_score="forget")
-    if sample_kind == "retain":
-        out.update(sample="retain", retain_size=cfg.retain_sample_size)
-    elif sample_kind != "forget":
-        raise ValueError(f"sample_kind must be forget or retain; got {sample_kind!r}")
     out.update(variables_sha256=digest.hexdigest(), estimator="exact ablation",
                data_version=data._VERSIONS[cfg.dataset])  # fmt: skip
     return out

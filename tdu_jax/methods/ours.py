@@ -91,14 +91,14 @@ def decay(
             int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max)),
         )
     seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
-    selective_score = selective.needs_retain_sample(config.unlearn.importance_score)
+    scores_retain = selective.needs_retain_sample(config.unlearn.importance_score)
     unlearn_data = unlearn.UnlearnData(
         importance_sample=sample,
         retain_train=data_in.retain_train,
         test=base.empty_split(data_in.retain_train),
         forget_classes=tuple(data_in.forget_classes),
         retain_sample=calibrate.subsample(data_in.retain_train, config.retain_sample_size, seed)
-        if selective_score
+        if scores_retain
         else None,
     )
     ucfg, precomputed, sweep, phases = config.unlearn, None, None, {}
