@@ -38,7 +38,8 @@ TOLERANCES = {
                 "forget_prediction_js": 0.1},
 }  # fmt: skip
 RELATIVE = ("relearn_steps",)  # tolerance is a share of the retrained value
-METRICS_FORMAT = 1  # bump when a metric's definition changes (invalidates cached metrics)
+METRICS_FORMAT = 2  # bump when a metric is added or its definition changes (invalidates cached
+# metrics); 2: mia_entropy_slope added
 _MEMO: dict[str, dict] = {}
 
 

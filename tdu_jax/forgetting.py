@@ -17,7 +17,11 @@ Metrics (all percentages in [0, 100] unless said otherwise):
   `metrics.py`, `get_membership_attack_prob`, from Chundawat et al. 2023): logistic regression
   (lbfgs, class_weight="balanced") on softmax entropy of retain-train members vs test
   non-members; the score is the share of forget-train examples it calls MEMBER (lower = more
-  forgotten).
+  forgotten). `mia_entropy_slope` is the regression's coefficient on entropy (1/nats): the
+  attack's premise is a negative slope (lower entropy -> member). When members and non-members
+  are indistinguishable (AUC ~ 0.5, common on MNIST) the fitted sign is noise, and a slope >= 0
+  calls the forget images that are MORE uncertain than its threshold members: `mia_entropy`
+  then says nothing about forgetting (sixteenth session, BUILD_NOTES).
 - `mia_loss_auc`: AUC of the loss-threshold attack (`metrics.membership_inference`) between
   forget-train (members) and forget-test (non-members) losses; 50 = indistinguishable.
 - `probe_recovery`: test accuracy on the forget classes of a linear probe fitted on the frozen
@@ -122,8 +126,8 @@ def mia_svc(member_conf, nonmember_conf, target_conf, *, seed: int = 0) -> float
     return float(100.0 * np.mean(clf.predict(target) == 0))
 
 
-def mia_entropy(member_entropy, nonmember_entropy, target_entropy, *, seed: int = 0) -> float:
-    """SSD's entropy attack: % of targets a logistic regression on entropy calls members.
+def entropy_attack(member_entropy, nonmember_entropy, target_entropy, *, seed: int = 0) -> dict:
+    """SSD's entropy attack and the slope it fitted.
 
     Args:
       member_entropy: (M,) softmax entropy (nats) of members (retain train).
@@ -133,14 +137,24 @@ def mia_entropy(member_entropy, nonmember_entropy, target_entropy, *, seed: int 
         weigh equally (SSD reaches the same with class_weight="balanced", kept here too).
 
     Returns:
-      % of targets predicted member (lower = more forgotten); nan if T = 0.
+      {"mia_entropy": % of targets predicted member (lower = more forgotten; nan if T = 0),
+       "mia_entropy_slope": the logistic regression's coefficient on entropy in 1/nats
+       (negative: lower entropy -> member, the attack's premise; >= 0: the attack reads this
+       model backwards and "mia_entropy" is not evidence)}.
     """
     x, y = _balanced_attack_data(member_entropy, nonmember_entropy, seed)
     target = np.asarray(target_entropy, np.float64).reshape(-1, 1)
-    if target.shape[0] == 0:
-        return float("nan")
     clf = LogisticRegression(class_weight="balanced", solver="lbfgs").fit(x, y)
-    return float(100.0 * np.mean(clf.predict(target) == 1))
+    share = float(100.0 * np.mean(clf.predict(target) == 1)) if target.shape[0] else float("nan")
+    return {"mia_entropy": share, "mia_entropy_slope": float(clf.coef_[0, 0])}
+
+
+def mia_entropy(member_entropy, nonmember_entropy, target_entropy, *, seed: int = 0) -> float:
+    """SSD's entropy attack: % of targets a logistic regression on entropy calls members
+    (``entropy_attack``'s "mia_entropy"; lower = more forgotten; nan if there are no targets)."""
+    return entropy_attack(member_entropy, nonmember_entropy, target_entropy, seed=seed)[
+        "mia_entropy"
+    ]
 
 
 def mia_loss_auc(member_losses, nonmember_losses) -> float:
@@ -642,6 +656,7 @@ def forgetting_metrics(
 
     Returns:
       {"mia_svc", "mia_entropy", "mia_loss_auc", "probe_recovery": float %,
+       "mia_entropy_slope": float 1/nats (``entropy_attack``; >= 0: mia_entropy is no evidence),
        "relearn_steps": int (if include_relearn),
        "forget_predictions": list of C floats (predicted-class shares on forget test images),
        "forget_prediction_js": float bits (if reference_predictions is given)}.
@@ -680,9 +695,7 @@ def forgetting_metrics(
         "mia_svc": mia_svc(
             s_mem["confidence"], s_non["confidence"], s_ftr["confidence"], seed=attack_seed
         ),
-        "mia_entropy": mia_entropy(
-            s_mem["entropy"], s_non["entropy"], s_ftr["entropy"], seed=attack_seed
-        ),
+        **entropy_attack(s_mem["entropy"], s_non["entropy"], s_ftr["entropy"], seed=attack_seed),
         "mia_loss_auc": mia_loss_auc(s_ftr["loss"], s_fte["loss"]),
     }
 

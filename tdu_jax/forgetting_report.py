@@ -74,6 +74,20 @@ def cost_text(results: Sequence[dict]) -> str:
     return text
 
 
+def reversed_entropy_attack(results: Sequence[dict]) -> str:
+    """Per model, on how many requests SSD's entropy attack fitted a slope >= 0 (its premise
+    reversed, so its ``mia_entropy`` is no evidence there); "" if no result recorded slopes."""
+    counts = []
+    for source, name in SOURCES:
+        slopes = values(results, source, "mia_entropy_slope")
+        if slopes:
+            counts.append(f"{name} {sum(v >= 0 for v in slopes)}/{len(slopes)}")
+    if not counts:
+        return ""
+    return ("mia_entropy's attack fitted a slope >= 0 (higher entropy -> member, its premise "
+            "reversed; mia_entropy is no evidence there) on: " + ", ".join(counts))
+
+
 def values(results: Sequence[dict], source: str, metric: str) -> list[float]:
     out = []
     for r in results:
@@ -136,6 +150,8 @@ def forgetting_markdown(results: Sequence[dict], title: str, goals: Sequence[Goa
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gap} | {sep_text} |")
         lines += ["", "cost_ratio (unlearning seconds, calibration included / retraining "
                   f"seconds), in %: {cost_text(group)}"]
+        if reversed_entropy_attack(group):
+            lines += ["", reversed_entropy_attack(group)]
         if goals:
             lines += ["", "| goal | met |", "|---|---|"]
             for goal in goals:

@@ -99,6 +99,22 @@ def test_mia_entropy_separable_entropies(n_members, n_nonmembers):
     assert forgetting.mia_entropy(members, nonmembers, mixed) == pytest.approx(40.0)
 
 
+def test_entropy_attack_slope_sign_follows_which_side_is_more_certain():
+    rng = np.random.default_rng(3)
+    low, high = rng.uniform(0.0, 0.2, 300), rng.uniform(1.0, 2.0, 300)
+    targets = np.concatenate([rng.uniform(0.0, 0.2, 30), rng.uniform(1.0, 2.0, 70)])
+    usual = forgetting.entropy_attack(low, high, targets)  # members more certain: the premise
+    assert usual["mia_entropy_slope"] < 0
+    assert usual["mia_entropy"] == pytest.approx(30.0)
+    assert usual["mia_entropy"] == forgetting.mia_entropy(low, high, targets)
+    # Members LESS certain than non-members: the fit reverses, and the uncertain targets
+    # (70 of 100) are the ones called members.
+    backwards = forgetting.entropy_attack(high, low, targets)
+    assert backwards["mia_entropy_slope"] > 0
+    assert backwards["mia_entropy"] == pytest.approx(70.0)
+    assert math.isnan(forgetting.entropy_attack(low, high, [])["mia_entropy"])
+
+
 def test_attacks_reject_empty_training_sets():
     with pytest.raises(ValueError, match="non-empty"):
         forgetting.mia_svc([], [0.5], [0.5])
@@ -385,6 +401,7 @@ def test_forgetting_metrics_keys_finite_and_reproducible():
     assert set(got) == {
         "mia_svc",
         "mia_entropy",
+        "mia_entropy_slope",
         "mia_loss_auc",
         "probe_recovery",
         "relearn_steps",

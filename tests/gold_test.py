@@ -90,6 +90,17 @@ def test_forgetting_markdown_means_and_goal_counts():
     assert "0/2" in text  # mia_svc: the control is never separated
     assert "PARTIAL" in forgetting_report.forgetting_markdown(results, "t", partial=True)
     assert "in %: 30.00 ± 14.14\n" in text  # 20 and 40
+    assert "slope >= 0" not in text  # no result recorded the entropy attack's slope
+
+
+def test_forgetting_markdown_counts_reversed_entropy_attacks():
+    results = [_result("L1", c, 0, 0.5, 0.0, 60.0, 0.2) for c in range(3)]
+    for r, unlearned, retrained in zip(results, (-0.8, 0.08, 0.0), (-0.9, -0.7, -0.1), strict=True):
+        r["final"]["mia_entropy_slope"], r["retrained"]["mia_entropy_slope"] = unlearned, retrained
+    text = forgetting_report.forgetting_markdown(results, "t")
+    # 0.08 and 0.0 are >= 0 (2 of 3) for the unlearned model; none for the retrained one; the
+    # control and base recorded no slope, so they are not counted.
+    assert "on: unlearned 2/3, retrained 0/3\n" in text
 
 
 def test_cost_counts_only_results_that_timed_their_calibration():
