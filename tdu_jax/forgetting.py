@@ -22,6 +22,10 @@ Metrics (all percentages in [0, 100] unless said otherwise):
   are indistinguishable (AUC ~ 0.5, common on MNIST) the fitted sign is noise, and a slope >= 0
   calls the forget images that are MORE uncertain than its threshold members: `mia_entropy`
   then says nothing about forgetting (sixteenth session, BUILD_NOTES).
+- `forget_entropy_median`: the median softmax entropy (nats) of the forget-class training
+  images: the direct reading of what `mia_entropy` tries to threshold. A retrained model
+  leaves them uncertain (LeNet: 0.1-0.8 nats); confidently wrong is lower, over-flattened
+  higher.
 - `mia_loss_auc`: AUC of the loss-threshold attack (`metrics.membership_inference`) between
   forget-train (members) and forget-test (non-members) losses; 50 = indistinguishable.
 - `probe_recovery`: test accuracy on the forget classes of a linear probe fitted on the frozen
@@ -657,6 +661,8 @@ def forgetting_metrics(
     Returns:
       {"mia_svc", "mia_entropy", "mia_loss_auc", "probe_recovery": float %,
        "mia_entropy_slope": float 1/nats (``entropy_attack``; >= 0: mia_entropy is no evidence),
+       "forget_entropy_median": float nats (median softmax entropy of the forget-class train
+       images: as uncertain as the retrained model's is the aim, lower is confidently wrong),
        "relearn_steps": int (if include_relearn),
        "forget_predictions": list of C floats (predicted-class shares on forget test images),
        "forget_prediction_js": float bits (if reference_predictions is given)}.
@@ -697,6 +703,9 @@ def forgetting_metrics(
         ),
         **entropy_attack(s_mem["entropy"], s_non["entropy"], s_ftr["entropy"], seed=attack_seed),
         "mia_loss_auc": mia_loss_auc(s_ftr["loss"], s_fte["loss"]),
+        "forget_entropy_median": (
+            float(np.median(s_ftr["entropy"])) if forget_train.size else float("nan")
+        ),
     }
 
     probe_seed = _key_seed(k_probe)

@@ -15,8 +15,8 @@ import numpy as np
 from tdu_jax import plots
 
 METRICS = ("forget_acc", "retain_acc", "forget_train_acc", "retain_train_acc", "mia_svc",
-           "mia_entropy", "mia_loss_auc", "probe_recovery", "relearn_steps",
-           "forget_prediction_js")  # fmt: skip
+           "mia_entropy", "forget_entropy_median", "mia_loss_auc", "probe_recovery",
+           "relearn_steps", "forget_prediction_js")  # fmt: skip
 SOURCES = (("final", "unlearned"), ("retrained", "retrained"), ("control", "silenced control"),
            ("base_metrics", "base"))  # fmt: skip
 

@@ -273,8 +273,9 @@ def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
     table_dir = tmp_path / "lenet"
     sweeps = _read(table_dir / "sweep.json")
     assert sorted(sweeps) == ["3-seed0", "5-seed0"]  # calibrated per forget class
-    metrics = ("mia_svc", "mia_entropy", "mia_entropy_slope", "mia_loss_auc", "probe_recovery",
-               "relearn_steps", "forget_prediction_js")  # fmt: skip
+    metrics = ("mia_svc", "mia_entropy", "mia_entropy_slope", "forget_entropy_median",
+               "mia_loss_auc", "probe_recovery", "relearn_steps",
+               "forget_prediction_js")  # fmt: skip
     for cls in ("3", "5"):
         result = _read(table_dir / f"L1-{cls}-seed0" / "result.json")
         assert result["config"]["forget_class"] == [int(cls)]

@@ -402,6 +402,7 @@ def test_forgetting_metrics_keys_finite_and_reproducible():
         "mia_svc",
         "mia_entropy",
         "mia_entropy_slope",
+        "forget_entropy_median",
         "mia_loss_auc",
         "probe_recovery",
         "relearn_steps",
@@ -411,6 +412,13 @@ def test_forgetting_metrics_keys_finite_and_reproducible():
         assert math.isfinite(got[k]) and 0.0 <= got[k] <= 100.0, k
     assert isinstance(got["relearn_steps"], int) and 0 <= got["relearn_steps"] <= 6
     assert len(got["forget_predictions"]) == 10
+    # The median entropy of the forget-class train images, from the softmax by hand.
+    forget_images = data.to_float(train_split.images[train_split.labels == 0], "mnist")
+    z = np.asarray(model.apply({"params": params}, forget_images), np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    by_hand = np.median(-np.sum(p * np.log(np.maximum(p, 1e-300)), axis=-1))
+    assert got["forget_entropy_median"] == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
     assert sum(got["forget_predictions"]) == pytest.approx(1.0)
     # The blocks are linearly separable from the pixels' features: the probe reads class 0.
     assert got["probe_recovery"] > 50.0
