@@ -8,13 +8,16 @@
 Per seed: one base model (trained once, reused from its checkpoint), one importance
 sweep on the forget-class training data shared by every row that uses it, then a
 small sweep of the open hyper-parameters (K and dt) on the *training* split with the
-table's no-fine-tune row (L1 / C1), chosen by a fixed rule: the highest retain-train
-accuracy with forget-train accuracy <= --sweep_forget_max (LeNet 1%, CIFAR 5%; else the
-lowest forget-train accuracy). Rows without fine-tuning use that point; a row that
+table's no-fine-tune row's lambda and T (L1 / C1), chosen by a fixed rule: the highest
+retain-train accuracy with forget-train accuracy <= --sweep_forget_max (LeNet 1%, CIFAR 5%;
+else the lowest forget-train accuracy). Rows without fine-tuning use that point; a row that
 fine-tunes checks the sweep's points through its own fine-tuning and keeps the least
-damaging one that stays under the ceiling (--calibrate_finetune, tdu_jax.calibrate).
-Writes <workdir>/<table>/summary.{json,md}, sweep.json, plots (tradeoff-*.png: the
-trade-off before and after fine-tuning), and one result.json per row and seed; rerunning
+damaging one that stays under the ceiling (--calibrate_finetune, tdu_jax.calibrate). A row
+whose preset ranks or calibrates otherwise (LeNet's L1: the ratio score under a 0.5%
+ceiling, presets.OURS) makes its own sweep with its own importance.
+Writes <workdir>/<table>/summary.{json,md}, sweep.json (the table's sweeps; a row's own
+sweep is in its result.json), plots (tradeoff-*.png: the trade-off before and after
+fine-tuning), and one result.json per row and seed; rerunning
 skips rows already done with the same config.
 """
 
@@ -70,6 +73,12 @@ def shares_importance(row_cfg: ExperimentConfig, cfg: ExperimentConfig) -> bool:
         and not row_cfg.reestimate
         and all(getattr(row_cfg, k) == getattr(cfg, k) for k in keys)
     )
+
+
+def shares_calibration(row_cfg: ExperimentConfig, cfg: ExperimentConfig) -> bool:
+    """Does the row take the table's sweep (same score and ceiling), or make its own?"""
+    keys = ("importance_score", "selective_beta", "retain_sample_size", "sweep_forget_max")
+    return all(getattr(row_cfg, k) == getattr(cfg, k) for k in keys)
 
 
 def table_configs(
@@ -137,12 +146,13 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
             base["acc"], base["per_class"] = common.accuracies(model, params, bs, req,
                                                                train_split, test_split)  # fmt: skip
             imp, sweep = None, None
-            finished = {r: common.existing_result(row_config(req, r, seed, requests))
-                        for r in rows}  # fmt: skip
-            sweep = recorded_sweep(sweeps.get(f"{req_name}-seed{seed}"), finished.values())
+            row_cfgs = {r: row_config(req, r, seed, requests) for r in rows}
+            finished = {r: common.existing_result(c) for r, c in row_cfgs.items()}
+            sweep = recorded_sweep(sweeps.get(f"{req_name}-seed{seed}"), finished.values(),
+                                   [shares_calibration(c, req) for c in row_cfgs.values()])
             if sweep is not None:  # every row finished with this sweep: nothing to redo
                 logging.info("Every row of forget %s, seed %d is finished", req_name, seed)
-            elif any(shares_importance(row_config(req, r, seed, requests), req) for r in rows):
+            elif any(shares_importance(c, req) for c in row_cfgs.values()):
                 spec = common.unit_spec(req, params)
                 imp = common.compute_importance(req, model, params, bs, train_split, spec)
                 if sweep_allowed:
@@ -164,46 +174,58 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
                 else:
                     logging.info("Row %s, forget %s, seed %d", row, req_name, seed)
                     shared = imp if shares_importance(row_cfg, req) else None
+                    own = not shares_calibration(row_cfg, req)  # None: run_one sweeps
                     result = common.run_one(row_cfg, model, params, bs, base, train_split,
                                             test_split, precomputed=shared,
-                                            calibration=sweep)  # fmt: skip
+                                            calibration=None if own else sweep)  # fmt: skip
                 per_row[row].append(result)
                 write_summary(name, table_dir, per_row, partial=True)
-            if sweep is not None:
-                path = table_dir / f"tradeoff-{req_name}-seed{seed}.png"
-                title = f"{name}: forget {req_name}, seed {seed} (training split)"
-                plot_tradeoff(sweep, [per_row[r][-1] for r in rows], path, title)
+            path = table_dir / f"tradeoff-{req_name}-seed{seed}.png"
+            title = f"{name}: forget {req_name}, seed {seed} (training split)"
+            plot_tradeoff(sweep, [per_row[r][-1] for r in rows], path, title)
     write_summary(name, table_dir, per_row, partial=False)
     return {"rows": per_row, "sweeps": sweeps}
 
 
-def recorded_sweep(sweep: dict | None, results) -> dict | None:
+def recorded_sweep(sweep: dict | None, results, shared) -> dict | None:
     """A request's saved sweep, if every row's result is finished and every calibrated row
-    used it (same points), else None (the sweep is then made again)."""
+    that shares the table's sweep (``shared``, per result) used it (same points), else None
+    (the sweep is then made again)."""
     results = list(results)
     if sweep is None or any(r is None for r in results):
         return None
-    used = [r["calibration"]["points"] for r in results if r.get("calibration")]
+    used = [r["calibration"]["points"] for r, s in zip(results, shared, strict=True)
+            if s and r.get("calibration")]  # fmt: skip
     return sweep if used and all(u == sweep["points"] for u in used) else None
 
 
-def plot_tradeoff(sweep: dict, results: list[dict], path: pathlib.Path, title: str) -> None:
-    """Forget-retain trade-off on the training split: the sweep's points before fine-tuning,
-    and for each row that checked points through its fine-tuning, those points after it
-    (stars: the points the rules chose)."""
+def plot_tradeoff(sweep: dict | None, results: list[dict], path: pathlib.Path,
+                  title: str) -> None:  # fmt: skip
+    """Forget-retain trade-off on the training split: the table's sweep (if any) and each
+    row's own sweep, before fine-tuning, and for each row that checked points through its
+    fine-tuning, those points after it (stars: the points the rules chose; dashed line: the
+    table's ceiling, else the first row's)."""
     point = lambda p, after="": (p["forget_train_acc" + after], p["retain_train_acc" + after])
     # Points that do not silence the class carry no retain accuracy (see calibrate).
-    scored = [p for p in sweep["points"] if p["retain_train_acc"] is not None]
-    curves = {"decay only (sweep)": [point(p) for p in scored]}
-    chosen = {"decay only (sweep)": point(calibrate.choose(sweep["points"], sweep["forget_max"]))}
+    scored = lambda s: [point(p) for p in s["points"] if p["retain_train_acc"] is not None]
+    chosen_point = lambda s: point(calibrate.choose(s["points"], s["forget_max"]))
+    curves, chosen = {}, {}
+    if sweep is not None:
+        curves["decay only (sweep)"] = scored(sweep)
+        chosen["decay only (sweep)"] = chosen_point(sweep)
     for result in results:
-        tried = (result.get("calibration") or {}).get("tried")
-        if tried:
+        calib = result.get("calibration") or {}
+        if calib and (sweep is None or calib["points"] != sweep["points"]):
+            label = f"{result['row']}: decay only (its own sweep)"
+            curves[label], chosen[label] = scored(calib), chosen_point(calib)
+        if calib.get("tried"):
             label = f"{result['row']}: after its fine-tuning"
-            curves[label] = [point(p, "_after") for p in tried]
-            chosen[label] = point(result["calibration"]["chosen_point"], "_after")
-    plots.plot_tradeoff(curves, path, title=title, chosen=chosen,
-                        forget_max=sweep["forget_max"])  # fmt: skip
+            curves[label] = [point(p, "_after") for p in calib["tried"]]
+            chosen[label] = point(calib["chosen_point"], "_after")
+    ceilings = [s["forget_max"] for s in (sweep, *(r.get("calibration") for r in results)) if s]
+    if curves:
+        plots.plot_tradeoff(curves, path, title=title, chosen=chosen,
+                            forget_max=ceilings[0])  # fmt: skip
 
 
 def summarize_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int],
@@ -215,17 +237,20 @@ def summarize_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: li
     for seed in seeds:
         for classes in requests:
             req = dataclasses.replace(cfg, seed=seed, forget_class=classes)
-            found = [common.existing_result(row_config(req, r, seed, requests)) for r in rows]
-            missing += sum(r is None for r in found)
-            for row, result in zip(rows, found, strict=True):
+            row_cfgs = {r: row_config(req, r, seed, requests) for r in rows}
+            found = {r: common.existing_result(c) for r, c in row_cfgs.items()}
+            missing += sum(r is None for r in found.values())
+            for row, result in found.items():
                 if result is not None:
                     per_row[row].append(result)
-            done = [r for r in found if r is not None and (r.get("calibration") or {})]
+            done = {r: v for r, v in found.items() if v is not None and v.get("calibration")}
             if done:
                 req_name = "+".join(data.class_names(cfg.dataset)[c] for c in classes)
                 path = table_dir / f"tradeoff-{req_name}-seed{seed}.png"
                 title = f"{name}: forget {req_name}, seed {seed} (training split)"
-                plot_tradeoff(done[0]["calibration"], done, path, title)
+                table = [v["calibration"] for r, v in done.items()
+                         if shares_calibration(row_cfgs[r], req)]  # fmt: skip
+                plot_tradeoff(table[0] if table else None, list(done.values()), path, title)
     logging.info("Summarizing %d finished rows (%d missing)",
                  sum(map(len, per_row.values())), missing)  # fmt: skip
     write_summary(name, table_dir, {r: v for r, v in per_row.items() if v}, partial=missing > 0)

@@ -46,8 +46,10 @@ def main(argv):
     defaults = mnist_lenet.DEFAULTS if FLAGS.dataset == "mnist" else cifar_ship.DEFAULTS
     with common.bad_input():
         cfg = common.config_from_flags(FLAGS.dataset, defaults)
-        # The no-fine-tune row's lambda and T; explicit flags win, as with --preset.
-        cfg = common.validate_config(common.apply_preset(cfg, SWEEP_ROW[FLAGS.dataset]))
+        # The no-fine-tune row's lambda and T (not its score or ceiling: those are what the
+        # curves compare); explicit flags win, as with --preset.
+        row = common.apply_preset(cfg, SWEEP_ROW[FLAGS.dataset])
+        cfg = dataclasses.replace(cfg, lam=row.lam, decay_steps=row.decay_steps)
         scores = parse_scores(FLAGS.scores)
         requests = common.forget_class_list(cfg.dataset, FLAGS.forget_classes, cfg.forget_class)
         seeds = common.parse_seeds(FLAGS.seeds)

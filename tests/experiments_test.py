@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import cifar_ship, common, presets
-from tdu_jax import plots
+from tdu_jax import calibrate, plots
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,13 +212,27 @@ def test_reproduce_lenet_rows(tfds_dir, tmp_path):
     lam, dt = rows["L1"]["config"]["lam"], rows["L1"]["config"]["dt"]
     assert rows["L1"]["selected_norm_ratio"] == pytest.approx(math.exp(-lam * dt * 2), rel=1e-5)
     for row in ("L1", "L4"):
-        assert rows[row]["importance"]["reused"]  # one importance pass shared by both rows
         assert (table_dir / f"{row}-seed0" / "result.json").is_file()
-    # L1 takes the shared no-fine-tune sweep's choice; L4 confirms it through its own
-    # fine-tuning: bisection over the points silenced before fine-tuning.
-    sweep = _read(table_dir / "sweep.json")["0-seed0"]
+    # L1's preset ranks by the ratio score (presets.OURS; the explicit ceiling wins over its
+    # 0.5%), L4 by the table's forget score: one forget-sample pass serves both, L1 adds
+    # its retain-sample pass.
     l1, l4 = rows["L1"], rows["L4"]
-    assert l1["calibration"]["chosen"] == sweep["chosen"] and "tried" not in l1["calibration"]
+    assert l1["config"]["importance_score"] == "ratio"
+    assert l4["config"]["importance_score"] == "forget"
+    assert l1["config"]["sweep_forget_max"] == l4["config"]["sweep_forget_max"] == 50
+    assert output.count("Importance of 61706 units on") == 2, output
+    assert "units on 38 images" in output  # the forget class's 38 of the first 512 images
+    assert "units on 474 images" in output  # the retain sample: every other image of them
+    # L1 makes its own sweep with its own importance and takes its choice; L4 takes the
+    # table's no-fine-tune sweep and confirms it through its own fine-tuning: bisection
+    # over the points silenced before fine-tuning.
+    sweep = _read(table_dir / "sweep.json")["0-seed0"]
+    own = l1["calibration"]
+    assert own["forget_max"] == 50 and "tried" not in own
+    assert (l1["config"]["top_k"], l1["config"]["dt"]) == (own["chosen"]["top_k"],
+                                                           own["chosen"]["dt"])  # fmt: skip
+    assert own["chosen_point"] == calibrate.choose(own["points"], 50)
+    assert l4["importance"]["reused"]  # the table's pass
     calib = l4["calibration"]
     assert 1 <= len(calib["tried"]) <= 1 + math.ceil(math.log2(len(sweep["points"])))
     chosen = calib["chosen_point"]
@@ -271,14 +285,20 @@ def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
     proc, output, _ = _run("reproduce", args, tfds_dir)
     _check_ok(proc, output)
     table_dir = tmp_path / "lenet"
-    sweeps = _read(table_dir / "sweep.json")
-    assert sorted(sweeps) == ["3-seed0", "5-seed0"]  # calibrated per forget class
+    # L1 alone: no row takes the table's sweep; L1 sweeps per forget class with its own
+    # score and ceiling (presets.OURS), recorded in its result.
+    assert not (table_dir / "sweep.json").exists()
+    sweeps = {f"{c}-seed0": _read(table_dir / f"L1-{c}-seed0" / "result.json")["calibration"]
+              for c in ("3", "5")}  # fmt: skip
+    assert sweeps["3-seed0"]["points"] != sweeps["5-seed0"]["points"]  # per forget class
     metrics = ("mia_svc", "mia_entropy", "mia_entropy_slope", "forget_entropy_median",
                "mia_loss_auc", "probe_recovery", "relearn_steps",
                "forget_prediction_js")  # fmt: skip
     for cls in ("3", "5"):
         result = _read(table_dir / f"L1-{cls}-seed0" / "result.json")
         assert result["config"]["forget_class"] == [int(cls)]
+        assert result["config"]["importance_score"] == "ratio"
+        assert result["config"]["sweep_forget_max"] == sweeps[f"{cls}-seed0"]["forget_max"] == 0.5
         chosen = sweeps[f"{cls}-seed0"]["chosen"]
         assert (result["config"]["top_k"], result["config"]["dt"]) == (
             chosen["top_k"], chosen["dt"])  # fmt: skip
@@ -321,8 +341,19 @@ def test_reproduce_per_class_with_retrained_comparison(tfds_dir, tmp_path):
 )  # fmt: skip
 def test_presets_match_method_rows(row, expected):
     assert presets.PRESETS[row] == expected
-    assert presets.preset(row) == expected
+    assert presets.preset(row) == {**expected, **presets.OURS.get(row, {})}
     assert presets.preset(row) is not presets.PRESETS[row]  # a copy
+
+
+def test_presets_add_our_choice_for_lenets_decay_only_row_only():
+    # The ratio score under a 0.5% ceiling on L1 (no fine-tuning); every other row is the
+    # reference's alone, and the reference's rows are left as they are.
+    assert presets.preset("L1") == dict(selection="topk", decay_steps=7, finetune="none",
+                                        importance_score="ratio", sweep_forget_max=0.5)
+    for row in presets.PRESETS:
+        if row != "L1":
+            assert presets.preset(row) == presets.PRESETS[row], row
+    assert "importance_score" not in presets.PRESETS["L1"]
 
 
 @pytest.mark.parametrize("row", [f"C{i}" for i in range(1, 9)])
