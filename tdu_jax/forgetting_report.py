@@ -150,8 +150,9 @@ def forgetting_markdown(results: Sequence[dict], title: str, goals: Sequence[Goa
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gap} | {sep_text} |")
         lines += ["", "cost_ratio (unlearning seconds, calibration included / retraining "
                   f"seconds), in %: {cost_text(group)}"]
-        if reversed_entropy_attack(group):
-            lines += ["", reversed_entropy_attack(group)]
+        reversed_text = reversed_entropy_attack(group)
+        if reversed_text:
+            lines += ["", reversed_text]
         if goals:
             lines += ["", "| goal | met |", "|---|---|"]
             for goal in goals:
