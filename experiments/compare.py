@@ -371,15 +371,17 @@ def pareto_counts(cells: list[dict]) -> dict[str, tuple[int, int]]:
 def table_markdown(cells: list[dict], partial: bool) -> str:
     """One line per method: means over requests of accuracy, attacks, cost, and how often the
     method is on its request's forget-retain-seconds Pareto front."""
-    keys = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "probe_recovery",
-            "relearn_steps")  # fmt: skip
-    head = ["method", "requests", "diverged", *keys, "gradient steps", "seconds", "cost_ratio",
-            "Pareto front"]  # fmt: skip
+    keys = ("forget_acc", "retain_acc", "mia_svc", "mia_entropy", "forget_entropy_median",
+            "probe_recovery", "relearn_steps")  # fmt: skip
+    head = ["method", "requests", "diverged", *keys, "entropy fit reversed", "gradient steps",
+            "seconds", "cost_ratio", "Pareto front"]  # fmt: skip
     lines = ["## Methods: mean ± std over requests" + (" (PARTIAL)" if partial else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     front = pareto_counts(cells)
     for method, group in fr.group_by_row(cells).items():
         cols = [fr.mean_std(fr.values(group, "final", k)) for k in keys]
+        slopes = fr.values(group, "final", "mia_entropy_slope")
+        cols.append(f"{sum(s >= 0 for s in slopes)}/{len(slopes)}" if slopes else "—")
         steps = fr.mean_std(fr.values(group, "info", "gradient_steps"))
         secs = fr.mean_std(fr.values(group, "info", "seconds"))
         cost = fr.mean_std([c["cost_ratio"] for c in group if c.get("cost_ratio") is not None])
@@ -390,7 +392,10 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
     lines += ["", "Pareto front: on how many of its requests the method is not dominated by "
               "another method of the same request in test forget accuracy (lower), test retain "
               "accuracy (higher) and seconds (fewer; retrain counts its training); diverged "
-              "runs never are."]  # fmt: skip
+              "runs never are. Entropy fit reversed: on how many requests SSD's entropy attack "
+              "fitted a slope >= 0 (higher entropy -> member), where its mia_entropy is no "
+              "evidence; forget_entropy_median (nats) reads the forget images' certainty "
+              "directly."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -190,6 +190,25 @@ def test_pareto_counts_follow_hand_checked_dominance():
     assert "| ga | 2 | 1 | 50.00 |" in table and table.splitlines()[4].endswith("| 1/1 |")
 
 
+def test_methods_table_counts_reversed_entropy_fits_and_shows_the_median_entropy():
+    cells = [_cell("rl", 1.0, 99.0, 10.0), _cell("rl", 2.0, 99.0, 10.0, seed=1),
+             _cell("rl", 3.0, 99.0, 10.0, seed=2), _cell("ft", 0.0, 99.0, 10.0)]  # fmt: skip
+    for cell, slope, median in zip(cells, (0.5, -1.0, 0.0, -2.0), (2.0, 1.0, 3.0, 0.25),
+                                   strict=True):  # fmt: skip
+        cell["final"].update(mia_entropy_slope=slope, forget_entropy_median=median)
+    lines = compare.table_markdown(cells, partial=False).splitlines()
+    head = [c.strip() for c in lines[2].strip("|").split("|")]
+    rl = [c.strip() for c in lines[4].strip("|").split("|")]
+    ft = [c.strip() for c in lines[5].strip("|").split("|")]
+    reversed_col = head.index("entropy fit reversed")
+    assert rl[reversed_col] == "2/3"  # slopes 0.5 and 0.0 are >= 0, -1.0 is not
+    assert ft[reversed_col] == "0/1"
+    assert rl[head.index("forget_entropy_median")] == "2.00 ± 1.00"  # median 1, 2, 3 nats
+    no_slopes = compare.table_markdown([_cell("ga", 1.0, 99.0, 1.0)], partial=False)
+    ga = [c.strip() for c in no_slopes.splitlines()[4].strip("|").split("|")]
+    assert ga[reversed_col] == "—"
+
+
 def test_requests_table_has_one_line_per_request_and_marks_diverged_runs():
     cells = [
         _cell("decay", 0.0, 99.0, 100.0),
