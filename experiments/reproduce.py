@@ -13,8 +13,8 @@ retain-train accuracy with forget-train accuracy <= --sweep_forget_max (LeNet 1%
 else the lowest forget-train accuracy). Rows without fine-tuning use that point; a row that
 fine-tunes checks the sweep's points through its own fine-tuning and keeps the least
 damaging one that stays under the ceiling (--calibrate_finetune, tdu_jax.calibrate). A row
-whose preset ranks or calibrates otherwise (LeNet's L1: the ratio score under a 0.5%
-ceiling, presets.OURS) makes its own sweep with its own importance.
+whose preset ranks or calibrates otherwise (presets.OURS: LeNet's L1, the ratio score under a
+0.5% ceiling; CIFAR's C1, the ratio score) makes its own sweep with its own importance.
 Writes <workdir>/<table>/summary.{json,md}, sweep.json (the table's sweeps; a row's own
 sweep is in its result.json), plots (tradeoff-*.png: the trade-off before and after
 fine-tuning), and one result.json per row and seed; rerunning

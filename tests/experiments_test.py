@@ -345,15 +345,19 @@ def test_presets_match_method_rows(row, expected):
     assert presets.preset(row) is not presets.PRESETS[row]  # a copy
 
 
-def test_presets_add_our_choice_for_lenets_decay_only_row_only():
-    # The ratio score under a 0.5% ceiling on L1 (no fine-tuning); every other row is the
-    # reference's alone, and the reference's rows are left as they are.
+def test_presets_add_our_choice_for_the_decay_only_rows_only():
+    # The ratio score on L1 (under a 0.5% ceiling) and on C1 (under CIFAR's own 5%), the
+    # rows without fine-tuning; every other row is the reference's alone, and the
+    # reference's rows are left as they are.
     assert presets.preset("L1") == dict(selection="topk", decay_steps=7, finetune="none",
                                         importance_score="ratio", sweep_forget_max=0.5)
+    assert presets.preset("C1") == dict(lam=0.05, decay_steps=5, finetune="none",
+                                        importance_score="ratio")
     for row in presets.PRESETS:
-        if row != "L1":
+        if row not in ("L1", "C1"):
             assert presets.preset(row) == presets.PRESETS[row], row
     assert "importance_score" not in presets.PRESETS["L1"]
+    assert "importance_score" not in presets.PRESETS["C1"]
 
 
 @pytest.mark.parametrize("row", [f"C{i}" for i in range(1, 9)])
@@ -405,6 +409,10 @@ def test_config_precedence_preset_vs_explicit_flags(tmp_path):
     assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
     c1, c1_lam, c7, plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (c1["row"], c1["lam"], c1["decay_steps"], c1["finetune"]) == ("C1", 0.05, 5, "none")
+    # C1 ranks filters by the ratio score (presets.OURS); the fine-tuning rows keep the table's
+    # forget score, and a run without a preset the entry point's.
+    assert c1["importance_score"] == c1_lam["importance_score"] == "ratio"
+    assert c7["importance_score"] == plain["importance_score"] == "forget"
     assert (c1_lam["lam"], c1_lam["decay_steps"]) == (0.2, 5)
     assert (c7["lam"], c7["decay_steps"], c7["finetune_batches"]) == (0.1, 2, 17)
     assert (plain["row"], plain["lam"], plain["decay_steps"], plain["finetune"]) == (
