@@ -380,8 +380,7 @@ def table_markdown(cells: list[dict], partial: bool) -> str:
     front = pareto_counts(cells)
     for method, group in fr.group_by_row(cells).items():
         cols = [fr.mean_std(fr.values(group, "final", k)) for k in keys]
-        slopes = fr.values(group, "final", "mia_entropy_slope")
-        cols.append(f"{sum(s >= 0 for s in slopes)}/{len(slopes)}" if slopes else "—")
+        cols.append(fr.reversed_fit_count(group) or "—")
         steps = fr.mean_std(fr.values(group, "info", "gradient_steps"))
         secs = fr.mean_std(fr.values(group, "info", "seconds"))
         cost = fr.mean_std([c["cost_ratio"] for c in group if c.get("cost_ratio") is not None])

@@ -74,14 +74,19 @@ def cost_text(results: Sequence[dict]) -> str:
     return text
 
 
+def reversed_fit_count(results: Sequence[dict], source: str = "final") -> str:
+    """Text "n/m": of the m results whose ``source`` model recorded SSD's entropy-attack
+    slope, the n where it is >= 0 (the attack's premise reversed, so its ``mia_entropy`` is
+    no evidence there); "" if none recorded one."""
+    slopes = values(results, source, "mia_entropy_slope")
+    return f"{sum(v >= 0 for v in slopes)}/{len(slopes)}" if slopes else ""
+
+
 def reversed_entropy_attack(results: Sequence[dict]) -> str:
-    """Per model, on how many requests SSD's entropy attack fitted a slope >= 0 (its premise
-    reversed, so its ``mia_entropy`` is no evidence there); "" if no result recorded slopes."""
-    counts = []
-    for source, name in SOURCES:
-        slopes = values(results, source, "mia_entropy_slope")
-        if slopes:
-            counts.append(f"{name} {sum(v >= 0 for v in slopes)}/{len(slopes)}")
+    """Per model, on how many requests SSD's entropy attack fitted a slope >= 0
+    (``reversed_fit_count``); "" if no result recorded slopes."""
+    counts = [f"{name} {count}" for source, name in SOURCES
+              if (count := reversed_fit_count(results, source))]  # fmt: skip
     if not counts:
         return ""
     return ("mia_entropy's attack fitted a slope >= 0 (higher entropy -> member, its premise "
