@@ -624,7 +624,9 @@ def train_or_restore(
     Returns:
       (params, batch_stats, info): info is {"checkpoint", "trained_now", "train_seconds",
       "train_history"}; when restored, the last two come from the saved train_history.json
-      (None if it is missing). The model and its history are written atomically.
+      (None if it is missing). The model and its history are written atomically. When
+      another process sharing the directory saves the same model while this one trains it,
+      the saved model is returned (with this training's seconds and history), not an error.
     """
     directory = pathlib.Path(directory)
     if checkpoint.exists(directory) and not retrain:
@@ -641,12 +643,18 @@ def train_or_restore(
                                      "train_history": saved.get("history")}  # fmt: skip
     start = time.perf_counter()
     params, batch_stats, history = train_fn()
-    seconds = time.perf_counter() - start
-    checkpoint.save_model(directory, params, batch_stats, key_config, overwrite=retrain)
-    result_files.write_json_atomic(directory / TRAIN_HISTORY,
-                                   {"history": history, "seconds": seconds})  # fmt: skip
-    return params, batch_stats, {"checkpoint": str(directory), "trained_now": True,
-                                 "train_seconds": seconds, "train_history": history}  # fmt: skip
+    info = {"checkpoint": str(directory), "trained_now": True,
+            "train_seconds": time.perf_counter() - start, "train_history": history}  # fmt: skip
+    try:
+        checkpoint.save_model(directory, params, batch_stats, key_config, overwrite=retrain)
+    except FileExistsError:  # another process sharing the cache saved this model meanwhile
+        logging.info("Another process saved the %s %s while this one trained it; using the "
+                     "saved one", what, directory)  # fmt: skip
+        params, batch_stats, _ = checkpoint.restore_model(directory, key_config)
+        return params, batch_stats, info
+    record = {"history": history, "seconds": info["train_seconds"]}
+    result_files.write_json_atomic(directory / TRAIN_HISTORY, record)
+    return params, batch_stats, info
 
 
 def get_base_model(cfg: ExperimentConfig, train_split: data.Split, test_split: data.Split):

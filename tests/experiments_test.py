@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import cifar_ship, common, presets
-from tdu_jax import calibrate, plots
+from tdu_jax import calibrate, checkpoint, plots
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -589,6 +589,21 @@ def test_train_or_restore_trains_once_then_restores(tmp_path):
     new, _, info3 = common.train_or_restore(directory, key, train_fn, retrain=True)
     assert info3["trained_now"] and len(calls) == 2 and float(new["w"][0, 0]) == 2.0
     assert float(common.train_or_restore(directory, key, train_fn)[0]["w"][0, 0]) == 2.0
+
+
+def test_train_or_restore_keeps_a_model_saved_meanwhile_by_another_process(tmp_path):
+    directory, key = tmp_path / "base" / "m-1", {"seed": 0}
+    theirs = {"w": np.full((2, 3), 7.0, np.float32)}
+
+    def train_fn():  # another process sharing the cache finishes first, then this one ends
+        checkpoint.save_model(directory, theirs, {}, key)
+        return {"w": np.zeros((2, 3), np.float32)}, {}, [{"epoch": 1}]
+
+    params, _, info = common.train_or_restore(directory, key, train_fn)
+    np.testing.assert_array_equal(params["w"], theirs["w"])  # the saved model, not ours
+    assert info["trained_now"] and info["train_seconds"] >= 0
+    assert info["train_history"] == [{"epoch": 1}]
+    np.testing.assert_array_equal(checkpoint.restore_model(directory, key)[0]["w"], theirs["w"])
 
 
 def test_progress_eta_excludes_first_chunk_and_heartbeat():
