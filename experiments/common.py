@@ -163,11 +163,13 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_enum("importance_score", d("importance_score"),
                       list(selective.IMPORTANCE_SCORES),
                       "forget: drop on the forget sample; selective: minus beta x retain drop; "
-                      "ratio: forget loss increase per retain loss increase.")
+                      "ratio: forget loss increase per retain loss increase; "
+                      "worst_class_ratio: per the worst-hit retained class's.")
     flags.DEFINE_float("selective_beta", d("selective_beta"),
                        "Weight of the retain drop in the selective score.")
     flags.DEFINE_integer("retain_sample_size", d("retain_sample_size"),
-                         "Retain-class images scored by the selective and ratio scores.")
+                         "Retain-class images scored by the retain-relative scores "
+                         "(worst_class_ratio: this // classes of each).")
     flags.DEFINE_bool("calibrate", d("calibrate"),
                       "Size K and dt per request by the train-split sweep (tdu_jax.calibrate).")
     flags.DEFINE_string("sweep_top_k", d("sweep_top_k"),
@@ -702,9 +704,10 @@ def importance_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Sp
 
 
 def retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split:
-    """Seeded retain-class images scored by the selective importance score."""
+    """Seeded retain-class images scored by the retain-relative importance scores."""
     _, retain = data.forget_retain(train_split, cfg.forget_class)
-    return calibrate.subsample(retain, cfg.retain_sample_size, cfg.seed)
+    return selective.retain_sample(retain, cfg.retain_sample_size, cfg.seed,
+                                   cfg.importance_score)  # fmt: skip
 
 
 def scored_retain_sample(cfg: ExperimentConfig, train_split: data.Split) -> data.Split | None:
@@ -740,7 +743,14 @@ def compute_importance(cfg, model, params, batch_stats, train_split, spec):
     if not selective.needs_retain_sample(cfg.importance_score):
         return forget
     retain_key = {**forget_key, "sample": "retain", "retain_size": cfg.retain_sample_size}
-    retain = cached_score(retain_key, retain_sample(cfg, train_split))
+    sample = retain_sample(cfg, train_split)
+    if cfg.importance_score == selective.WORST_CLASS_RATIO:  # one pass per retained class
+        retain = [cached_score({**retain_key, "sample": "retain_class",
+                                "retain_class": int(sample.labels[i[0]])},
+                               data.Split(sample.images[i], sample.labels[i]))
+                  for i in selective.class_indices(sample.labels)]  # fmt: skip
+    else:
+        retain = cached_score(retain_key, sample)
     return selective.combine(cfg.importance_score, forget, retain, cfg.selective_beta)
 
 

@@ -55,7 +55,7 @@ class ExperimentConfig:
     importance_fraction: float = 1.0  # seeded share of the pool, in (0, 1]
     importance_score: str = "forget"  # "forget", "selective" or "ratio" (tdu_jax.selective)
     selective_beta: float = 1.0  # weight of the retain drop in the selective score
-    retain_sample_size: int = 1000  # retain images scored by the selective and ratio scores
+    retain_sample_size: int = 1000  # retain images of the retain-relative importance scores
     reestimate: bool = False  # recompute importance before every decay step
     unit_chunk: int = 256  # units per importance call (bounds memory)
     sample_batch: int = 1024  # images per importance call (bounds memory)

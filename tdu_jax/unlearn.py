@@ -59,7 +59,7 @@ class UnlearnConfig(NamedTuple):
     evaluate_each_step: bool = True
     unit_chunk: int = 256
     sample_batch: int = 1024
-    importance_score: str = "forget"  # "forget" | "selective" | "ratio" (tdu_jax.selective)
+    importance_score: str = "forget"  # tdu_jax.selective.IMPORTANCE_SCORES
     selective_beta: float = 1.0  # weight of the retain-sample drop in the selective score
 
 
@@ -70,7 +70,7 @@ class UnlearnData(NamedTuple):
     retain_train: data.Split
     test: data.Split
     forget_classes: tuple[int, ...]
-    retain_sample: data.Split | None = None  # selective/ratio importance: retain-class sample
+    retain_sample: data.Split | None = None  # retain-class sample of the retain-relative scores
 
 
 class UnlearnResult(NamedTuple):
@@ -315,9 +315,11 @@ def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
     imp = _score(setup, state, setup.sample_x, setup.sample_y)
     if selective.needs_retain_sample(config.importance_score):
         retain = setup.data_in.retain_sample
-        retain_imp = _score(
-            setup, state, setup.prep(retain.images), np.asarray(retain.labels, np.int32)
-        )
+        x, y = setup.prep(retain.images), np.asarray(retain.labels, np.int32)
+        if config.importance_score == selective.WORST_CLASS_RATIO:  # one pass per class
+            retain_imp = [_score(setup, state, x[i], y[i]) for i in selective.class_indices(y)]
+        else:
+            retain_imp = _score(setup, state, x, y)
         imp = selective.combine(config.importance_score, imp, retain_imp, config.selective_beta)
     timings = _add_seconds(state.timings, "importance", start)
     selected = decay.select_top_k(imp, config.top_k, config.topk_budget, setup.spec)

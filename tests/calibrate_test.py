@@ -83,6 +83,55 @@ def test_ratio_importance_by_hand():
         selective.combine("selective", forget, None)
 
 
+def test_worst_class_ratio_by_hand():
+    # forget loss increases 0.5, 0.2, 0.3; class A's retain 0.099, 0.0, 0.05; class B's
+    # 0.0, 0.3, -0.2 (nats). Worst class: 0.099, 0.3, 0.05 (B's -0.2 floors at 0).
+    forget = _imp([0.0, 0.0, 0.0], [0.5, 0.2, 0.3])
+    class_a = _imp([0.0, 0.0, 0.0], [0.099, 0.0, 0.05])
+    class_b = _imp([0.0, 0.0, 0.0], [0.0, 0.3, -0.2])
+    out = selective.worst_class_ratio_importance(forget, [class_a, class_b])
+    # 0.5 / 0.1 = 5; 0.2 / 0.301; 0.3 / 0.051.
+    np.testing.assert_allclose(out.loss_increase, [5.0, 0.2 / 0.301, 0.3 / 0.051])
+    np.testing.assert_array_equal(decay.rank_units(out), [2, 0, 1])
+    assert out.seconds == 6.0 and out.sample_size == 10
+    # Two units equal on the forget class: unit 0 costs both classes 0.1, unit 1 costs only
+    # class B, 0.18. The plain ratio over the classes' mean (0.1, 0.09) ranks unit 1 first;
+    # the worst class (0.1, 0.18) ranks unit 0 first: class A's silence does not dilute B's.
+    equal = _imp([0.0, 0.0], [0.3, 0.3])
+    a, b = _imp([0.0, 0.0], [0.1, 0.0]), _imp([0.0, 0.0], [0.1, 0.18])
+    mean = _imp([0.0, 0.0], [0.1, 0.09])
+    np.testing.assert_array_equal(decay.rank_units(selective.ratio_importance(equal, mean)),
+                                  [1, 0])  # fmt: skip
+    np.testing.assert_array_equal(
+        decay.rank_units(selective.worst_class_ratio_importance(equal, [a, b])), [0, 1]
+    )
+    combined = selective.combine("worst_class_ratio", forget, [class_a, class_b])
+    np.testing.assert_array_equal(combined.loss_increase, out.loss_increase)
+    assert selective.needs_retain_sample("worst_class_ratio")
+    with pytest.raises(ValueError, match="one retain importance per retained class"):
+        selective.combine("worst_class_ratio", forget, class_a)
+    with pytest.raises(ValueError, match="same units"):
+        selective.worst_class_ratio_importance(forget, [_imp([0, 0, 0], [0, 0, 0], [2, 1, 0])])
+
+
+def test_retain_sample_is_stratified_for_the_worst_class_ratio():
+    labels = np.repeat([1, 2, 5], [30, 4, 20]).astype(np.int32)
+    split = data.Split(np.arange(labels.size, dtype=np.uint8).reshape(-1, 1, 1, 1), labels)
+    sample = selective.retain_sample(split, 30, 3, "worst_class_ratio")
+    # 30 // 3 classes = 10 each; class 2 has only 4: all of them. Grouped by class.
+    np.testing.assert_array_equal(sample.labels, np.repeat([1, 2, 5], [10, 4, 10]))
+    assert len(set(sample.images.ravel())) == sample.size  # distinct images of the split
+    np.testing.assert_array_equal(split.labels[sample.images.ravel()], sample.labels)
+    again = selective.retain_sample(split, 30, 3, "worst_class_ratio")
+    np.testing.assert_array_equal(again.images, sample.images)  # seeded
+    other = selective.retain_sample(split, 30, 4, "worst_class_ratio")
+    assert not np.array_equal(other.images, sample.images)
+    assert selective.retain_sample(split, 0, 3, "worst_class_ratio").size == split.size
+    # The other scores draw size images at random (calibrate.subsample).
+    plain = selective.retain_sample(split, 30, 3, "ratio")
+    np.testing.assert_array_equal(plain.images, calibrate.subsample(split, 30, 3).images)
+
+
 def _tiny_request():
     """A random-init LeNet and 20 forget / 20 retain random images."""
     model = models.get_model("lenet")

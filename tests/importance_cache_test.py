@@ -99,3 +99,17 @@ def test_scores_share_the_cached_forget_and_retain_passes(tmp_path, monkeypatch)
     )
     run(importance_score="ratio", retain_sample_size=13)
     assert len(samples) == 3 and samples[2].size == 13  # another retain sample: a new pass
+    # The worst-class ratio: one pass per retained class on 12 // 9 = 1 image of each.
+    worst = run(importance_score="worst_class_ratio")
+    per_class = samples[3:]
+    assert [c.tolist() for c in per_class] == [[c] for c in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
+    sample = common.retain_sample(dataclasses.replace(cfg, importance_score="worst_class_ratio"),
+                                  split)  # fmt: skip
+    classes = [real(model, params, batch_stats, data.to_float(sample.images[i:i + 1], "mnist"),
+                    sample.labels[i:i + 1], spec) for i in range(9)]  # fmt: skip
+    np.testing.assert_allclose(
+        worst.loss_increase,
+        selective.worst_class_ratio_importance(forget, classes).loss_increase, rtol=1e-6,
+    )
+    run(importance_score="worst_class_ratio")
+    assert len(samples) == 12  # every class's pass reused from the cache

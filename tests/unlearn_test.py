@@ -233,7 +233,7 @@ def test_per_layer_budget_selects_from_every_layer(setup):
         _run(setup, topk_budget="layers")
 
 
-@pytest.mark.parametrize("score", ["selective", "ratio"])
+@pytest.mark.parametrize("score", ["selective", "ratio", "worst_class_ratio"])
 def test_retain_relative_scores_combine_both_samples(setup, score):
     model, params, batch_stats, data_in = setup
     retain = data.take(data_in.retain_train, 48)
@@ -242,13 +242,23 @@ def test_retain_relative_scores_combine_both_samples(setup, score):
     with_retain = (model, params, batch_stats, data_in._replace(retain_sample=retain))
     config = _BASE._replace(importance_score=score, selective_beta=0.5)
     result = _call(unlearn.unlearn, with_retain, config)
-    retain_imp = importance.ablation_importance(
-        model, params, batch_stats, data.to_float(retain.images, "mnist"), retain.labels,
-        _spec(params), unit_chunk=50, sample_batch=64,
-    )  # fmt: skip
+
+    def engine(where):  # the naive composition: one engine call on retain[where]
+        return importance.ablation_importance(
+            model, params, batch_stats, data.to_float(retain.images[where], "mnist"),
+            retain.labels[where], _spec(params), unit_chunk=50, sample_batch=64,
+        )  # fmt: skip
+
     forget_imp = _importance(setup, params)
-    expected = (selective.selective_importance(forget_imp, retain_imp, 0.5) if score == "selective"
-                else selective.ratio_importance(forget_imp, retain_imp))  # fmt: skip
+    labels = np.asarray(retain.labels)
+    if score == "worst_class_ratio":  # each retained class on its own
+        classes = [engine(labels == c) for c in np.unique(labels)]
+        assert len(classes) > 1
+        expected = selective.worst_class_ratio_importance(forget_imp, classes)
+    elif score == "ratio":
+        expected = selective.ratio_importance(forget_imp, engine(slice(None)))
+    else:
+        expected = selective.selective_importance(forget_imp, engine(slice(None)), 0.5)
     np.testing.assert_allclose(result.importance.loss_increase, expected.loss_increase, atol=1e-6)
     np.testing.assert_array_equal(result.selected, decay.select_top_k(expected, 12))
 

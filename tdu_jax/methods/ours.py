@@ -34,7 +34,7 @@ class DecayConfig(NamedTuple):
 
     unlearn: unlearn.UnlearnConfig = unlearn.UnlearnConfig(evaluate_each_step=False)
     importance_fraction: float = 1.0
-    retain_sample_size: int = 1000  # retain images scored by importance_score selective/ratio
+    retain_sample_size: int = 1000  # retain images of the retain-relative importance scores
     calibrate: bool = False  # size K and dt by the train-split sweep (tdu_jax.calibrate)
     sweep_top_k: tuple = (300, 1000, 3000)
     sweep_dt: tuple = (0.25, 0.5, 1.0)
@@ -97,7 +97,8 @@ def decay(
         retain_train=data_in.retain_train,
         test=base.empty_split(data_in.retain_train),
         forget_classes=tuple(data_in.forget_classes),
-        retain_sample=calibrate.subsample(data_in.retain_train, config.retain_sample_size, seed)
+        retain_sample=selective.retain_sample(data_in.retain_train, config.retain_sample_size,
+                                              seed, config.unlearn.importance_score)
         if scores_retain
         else None,
     )
