@@ -746,9 +746,8 @@ def compute_importance(cfg, model, params, batch_stats, train_split, spec):
     sample = retain_sample(cfg, train_split)
     if cfg.importance_score == selective.WORST_CLASS_RATIO:  # one pass per retained class
         retain = [cached_score({**retain_key, "sample": "retain_class",
-                                "retain_class": int(sample.labels[i[0]])},
-                               data.Split(sample.images[i], sample.labels[i]))
-                  for i in selective.class_indices(sample.labels)]  # fmt: skip
+                                "retain_class": int(part.labels[0])}, part)
+                  for part in selective.split_by_class(sample)]  # fmt: skip
     else:
         retain = cached_score(retain_key, sample)
     return selective.combine(cfg.importance_score, forget, retain, cfg.selective_beta)

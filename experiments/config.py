@@ -53,7 +53,7 @@ class ExperimentConfig:
     include_bn: bool = True  # a filter unit includes its BatchNorm channel
     importance_data: str = "forget"  # importance sample pool: "forget" or "all"
     importance_fraction: float = 1.0  # seeded share of the pool, in (0, 1]
-    importance_score: str = "forget"  # "forget", "selective" or "ratio" (tdu_jax.selective)
+    importance_score: str = "forget"  # tdu_jax.selective.IMPORTANCE_SCORES
     selective_beta: float = 1.0  # weight of the retain drop in the selective score
     retain_sample_size: int = 1000  # retain images of the retain-relative importance scores
     reestimate: bool = False  # recompute importance before every decay step

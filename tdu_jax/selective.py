@@ -134,10 +134,9 @@ def worst_class_ratio_importance(
     )
 
 
-def class_indices(labels: np.ndarray) -> list[np.ndarray]:
-    """Indices of each label present in ``labels`` (N,), by ascending label."""
-    labels = np.asarray(labels)
-    return [np.flatnonzero(labels == c) for c in np.unique(labels)]
+def split_by_class(split: data.Split) -> list[data.Split]:
+    """``split``'s images of each class present, one split per class, by ascending class."""
+    return [data.select_classes(split, [c]) for c in np.unique(split.labels)]
 
 
 def retain_sample(retain: data.Split, size: int, seed: int, score: str) -> data.Split:
@@ -149,10 +148,9 @@ def retain_sample(retain: data.Split, size: int, seed: int, score: str) -> data.
     """
     if check_importance_score(score) != WORST_CLASS_RATIO:
         return calibrate.subsample(retain, size, seed)
-    groups = class_indices(retain.labels)
-    per_class = max(1, size // len(groups)) if size else 0
-    parts = [calibrate.subsample(data.Split(retain.images[i], retain.labels[i]), per_class,
-                                 seed + c) for c, i in enumerate(groups)]  # fmt: skip
+    classes = split_by_class(retain)
+    per_class = max(1, size // len(classes)) if size else 0
+    parts = [calibrate.subsample(part, per_class, seed + c) for c, part in enumerate(classes)]
     return data.Split(np.concatenate([p.images for p in parts]),
                       np.concatenate([p.labels for p in parts]))  # fmt: skip
 

@@ -314,12 +314,16 @@ def select_units(setup: UnlearnSetup, state: UnlearnState) -> UnlearnState:
     start = time.perf_counter()
     imp = _score(setup, state, setup.sample_x, setup.sample_y)
     if selective.needs_retain_sample(config.importance_score):
+
+        def score(split):  # one engine pass on a retain split
+            labels = np.asarray(split.labels, np.int32)
+            return _score(setup, state, setup.prep(split.images), labels)
+
         retain = setup.data_in.retain_sample
-        x, y = setup.prep(retain.images), np.asarray(retain.labels, np.int32)
         if config.importance_score == selective.WORST_CLASS_RATIO:  # one pass per class
-            retain_imp = [_score(setup, state, x[i], y[i]) for i in selective.class_indices(y)]
+            retain_imp = [score(part) for part in selective.split_by_class(retain)]
         else:
-            retain_imp = _score(setup, state, x, y)
+            retain_imp = score(retain)
         imp = selective.combine(config.importance_score, imp, retain_imp, config.selective_beta)
     timings = _add_seconds(state.timings, "importance", start)
     selected = decay.select_top_k(imp, config.top_k, config.topk_budget, setup.spec)
