@@ -32,6 +32,7 @@ from experiments import config, importance_cache, presets
 from experiments.config import ExperimentConfig
 from tdu_jax import (
     calibrate,
+    calibrated,
     checkpoint,
     data,
     decay,
@@ -807,17 +808,15 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     sample = importance_sample(cfg, train_split)
     extra = scored_retain_sample(cfg, train_split)
 
+    check = calibrated.finetune_check_run(
+        model, params, batch_stats, dataset=cfg.dataset,
+        data_in=unlearn.UnlearnData(sample, retain, _empty(train_split), cfg.forget_class, extra),
+        config=unlearn_config(cfg, retain.size), key=run_key(cfg), precomputed=precomputed,
+    )  # fmt: skip
+
     def run(top_k, dt):
-        ucfg = unlearn_config(dataclasses.replace(cfg, top_k=top_k, dt=dt), retain.size)
         logging.info("Calibration: checking K=%s dt=%s through the row's fine-tuning", top_k, dt)
-        result = unlearn.unlearn(
-            model, params, batch_stats, dataset=cfg.dataset,
-            data_in=unlearn.UnlearnData(sample, retain, _empty(train_split),
-                                        cfg.forget_class, extra),
-            config=ucfg._replace(evaluate_each_step=False), key=run_key(cfg),
-            precomputed=precomputed,
-        )  # fmt: skip
-        return result.params, result.batch_stats
+        return check(top_k, dt)
 
     start = time.perf_counter()
     scored_forget, scored_retain = sweep_samples(cfg, train_split)

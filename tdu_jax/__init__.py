@@ -17,6 +17,12 @@ submodules ``tdu_jax.decay`` and ``tdu_jax.unlearn`` keep their names. ``run_unl
 loop over step functions on an immutable ``UnlearnState`` (``init_unlearn``, ``select_units``,
 ``decay_once``, ``finetune_once``, ``evaluate_state``, ``unlearn_result``) that drive a run
 step by step (see ``tdu_jax.unlearn``).
+
+``forget`` does all of it in one call and sizes K and Δt itself on the training split (the
+calibration of ``tdu_jax.calibrate``); it lives in ``tdu_jax.calibrated``::
+
+    out = tdu.forget(model, params, state, train=train_split, forget_classes=(3,),
+                     key=jax.random.key(0), preprocess=preprocess)
 """
 
 from tdu_jax.adapters import (
@@ -33,6 +39,7 @@ from tdu_jax.adapters import (
     nnx_bn_pairs,
     preprocess_fn,
 )
+from tdu_jax.calibrated import DECAY_ONLY, ForgetResult, SweepConfig, forget
 from tdu_jax.data import Split
 from tdu_jax.decay import decay as apply_decay
 from tdu_jax.decay import decay_step, rank_units, select_random_k, select_top_k
@@ -58,6 +65,8 @@ from tdu_jax.unlearn import unlearn as run_unlearning
 __version__ = "0.1.0"
 
 __all__ = [
+    "DECAY_ONLY",
+    "ForgetResult",
     "FunctionModel",
     "Importance",
     "LinenModel",
@@ -65,6 +74,7 @@ __all__ = [
     "NNXModel",
     "OptimizerConfig",
     "Split",
+    "SweepConfig",
     "UnitSpec",
     "UnlearnConfig",
     "UnlearnData",
@@ -82,6 +92,7 @@ __all__ = [
     "evaluate_state",
     "find_bn_pairs",
     "fine_tune",
+    "forget",
     "finetune_once",
     "from_function",
     "from_linen",

@@ -41,6 +41,7 @@ so it costs at most 1 + ceil(log2(candidates)) runs of the row (decay plus its f
 and one fewer whenever a point gentler than the most damaging one holds.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,7 +75,7 @@ def sweep_decay(
     params: PyTree,
     batch_stats: PyTree,
     *,
-    dataset: str,
+    dataset: str | None = None,
     forget_train: data.Split,
     retain_train: data.Split,
     imp: Importance,
@@ -87,13 +88,15 @@ def sweep_decay(
     search_steps: int = 0,
     retain_all_points: bool = False,
     budget: str = "global",
+    preprocess: Callable | None = None,
 ) -> dict:
     """Scores every (K, Δt) of the grid with ``decay_steps`` steps of rate ``lam``, and with
     ``search_steps > 0`` each K's gentlest silencing Δt (``search_dt``).
 
     Args:
       model, params, batch_stats: the trained model.
-      dataset: dataset name (normalisation).
+      dataset: dataset name (normalisation of uint8 images), or None with ``preprocess``
+        (or neither: the splits hold model inputs).
       forget_train: forget-class training images scored for forget accuracy.
       retain_train: retain-class training images (a sample is enough) for retain accuracy.
       imp: importance of the units of ``spec`` (ranking for top-K).
@@ -107,6 +110,7 @@ def sweep_decay(
       retain_all_points: score retain accuracy at every point, not only where the rule
         needs it (points with forget-train accuracy <= ``forget_max``).
       budget: how each top-K is spread over layers (``decay.rank_units``).
+      preprocess: images -> model inputs, instead of ``dataset``.
 
     Returns:
       {"points": [{"top_k", "dt", "units", "forget_train_acc", "retain_train_acc",
@@ -119,6 +123,7 @@ def sweep_decay(
     if search_steps < 0:
         raise ValueError(f"search_steps must be >= 0; got {search_steps}")
     decay.check_decay_args(lam, min(dts), decay_steps)
+    accuracy_of = functools.partial(accuracy, model, dataset=dataset, preprocess=preprocess)
     points, decayed_at = [], {}
     for k in top_ks:
         selected = decay.select_top_k(imp, k, budget, spec)
@@ -127,11 +132,10 @@ def sweep_decay(
 
         def score(dt: float, k=k) -> dict:  # this K (bound now, not late)
             decayed = decayed_at[k](dt)
-            accs = {"forget_train_acc": accuracy(model, decayed, batch_stats, dataset,
-                                                 forget_train)}  # fmt: skip
+            accs = {"forget_train_acc": accuracy_of(decayed, batch_stats, forget_train)}
             needed = retain_all_points or accs["forget_train_acc"] <= forget_max
             accs["retain_train_acc"] = (
-                accuracy(model, decayed, batch_stats, dataset, retain_train) if needed else None
+                accuracy_of(decayed, batch_stats, retain_train) if needed else None
             )
             return accs
 
@@ -146,8 +150,7 @@ def sweep_decay(
         for p in points:
             if p["forget_train_acc"] == lowest and p["retain_train_acc"] is None:
                 decayed = decayed_at[p["top_k"]](p["dt"])
-                p["retain_train_acc"] = accuracy(model, decayed, batch_stats, dataset,
-                                                 retain_train)  # fmt: skip
+                p["retain_train_acc"] = accuracy_of(decayed, batch_stats, retain_train)
     best = choose(points, forget_max)
     return {
         "points": points,
@@ -207,17 +210,30 @@ def geometric_midpoint(lo: float, hi: float) -> float:
     return float(f"{math.sqrt(lo * hi):.4g}")
 
 
-def accuracy(model, params, batch_stats, dataset: str, split: data.Split) -> float:
-    """Accuracy in % of the model on ``split``."""
-    pred = metrics.predict(model, params, batch_stats, split.images, dataset=dataset)
+def accuracy(model, params, batch_stats, split: data.Split, *, dataset: str | None = None,
+             preprocess: Callable | None = None) -> float:  # fmt: skip
+    """Accuracy in % of the model on ``split`` (``dataset``/``preprocess`` as in
+    ``metrics.predict``)."""
+    pred = metrics.predict(model, params, batch_stats, split.images, dataset=dataset,
+                           preprocess=preprocess)  # fmt: skip
     return metrics.accuracy(pred, split.labels)
 
 
-def train_accuracies(model, params, batch_stats, dataset, forget_train, retain_train) -> dict:
+def train_accuracies(
+    model,
+    params,
+    batch_stats,
+    forget_train: data.Split,
+    retain_train: data.Split,
+    *,
+    dataset: str | None = None,
+    preprocess: Callable | None = None,
+) -> dict:
     """{"forget_train_acc", "retain_train_acc"} in % on the two training samples."""
+    kw = {"dataset": dataset, "preprocess": preprocess}
     return {
-        "forget_train_acc": accuracy(model, params, batch_stats, dataset, forget_train),
-        "retain_train_acc": accuracy(model, params, batch_stats, dataset, retain_train),
+        "forget_train_acc": accuracy(model, params, batch_stats, forget_train, **kw),
+        "retain_train_acc": accuracy(model, params, batch_stats, retain_train, **kw),
     }
 
 
@@ -280,16 +296,18 @@ def confirm_after_finetune(
     *,
     sweep: dict,
     run: RunFn,
-    dataset: str,
+    dataset: str | None = None,
     forget_train: data.Split,
     retain_train: data.Split,
+    preprocess: Callable | None = None,
 ) -> dict:
     """``choose_after_finetune`` with ``run`` (top_k, dt) -> (params, batch_stats) after the
     run's decay and fine-tuning, scored on the sweep's training samples."""
 
     def after(point: dict) -> dict:
         params, batch_stats = run(point["top_k"], point["dt"])
-        return train_accuracies(model, params, batch_stats, dataset, forget_train, retain_train)
+        return train_accuracies(model, params, batch_stats, forget_train, retain_train,
+                                dataset=dataset, preprocess=preprocess)  # fmt: skip
 
     return choose_after_finetune(sweep, after)
 

@@ -118,6 +118,18 @@ def validate_unlearn_config(config: UnlearnConfig, num_units: int | None = None)
     train.validate_optimizer_config(config.finetune_optimizer)
 
 
+def config_units(params: PyTree, config: UnlearnConfig) -> units.UnitSpec:
+    """The units ``config`` can choose from (granularity, include/exclude, BatchNorm pairs)."""
+    return units.enumerate_units(
+        params,
+        config.granularity,
+        config.include,
+        config.exclude,
+        config.include_bn,
+        bn_pairs=config.bn_pairs,
+    )
+
+
 def planned_finetune_batches(config: UnlearnConfig) -> int:
     """Fine-tune batches the config will spend (after_each: per step x steps)."""
     if config.finetune == "after_each":
@@ -197,14 +209,7 @@ def init_unlearn(
       ``(setup, state)``: ``state`` holds the input params and batch_stats (not copied, never
       modified), step 0, no units selected, no fine-tune batches, an empty history.
     """
-    spec = units.enumerate_units(
-        params,
-        config.granularity,
-        config.include,
-        config.exclude,
-        config.include_bn,
-        bn_pairs=config.bn_pairs,
-    )
+    spec = config_units(params, config)
     validate_unlearn_config(config, spec.num_units)
     if data_in.importance_sample.size == 0 and config.selection == "topk":
         raise ValueError("importance sample is empty")

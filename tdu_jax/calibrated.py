@@ -1,0 +1,259 @@
+"""One call that forgets classes from any model and sizes the decay itself.
+
+``forget`` is the method as the experiments run it with ``--calibrate``, for a model of the
+user's own (``from_linen``, ``from_nnx``, ``from_function``): importance of every unit on the
+forget-class training images, the train-split sweep that picks K (how many units) and Δt (how
+hard they decay) per request (``tdu_jax.calibrate``), then the decay, and the fine-tuning the
+config asks for, with the chosen pair::
+
+    out = tdu.forget(model, params, state, train=train_split, forget_classes=(3,),
+                     key=jax.random.key(0), preprocess=preprocess)
+    out.calibration["chosen"]              # {"top_k": ..., "dt": ...}
+    out.unlearned.params, out.unlearned.batch_stats
+
+Test data is never looked at. Nothing is cached or written: the experiments add their caches
+and records around the same steps (``experiments/common.run_one``).
+
+Defaults (``DECAY_ONLY``, ``SweepConfig``) are LeNet/MNIST's measured choices (BUILD_NOTES):
+without fine-tuning the ratio score (forget loss increase per retain loss increase, on
+``retain_sample_size`` retain images) on a per-layer top-K budget, under a 0.5% forget-train
+ceiling; with fine-tuning a 1% ceiling, checked through the run's own fine-tuning. K is a grid
+of fractions of the units, so it fits any model's size.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from tdu_jax import calibrate, data, decay, importance, selective, unlearn
+
+PyTree = Any
+
+# The decay-only row's defaults (LeNet L1, sixteenth session): ratio score, per-layer budget.
+DECAY_ONLY = unlearn.UnlearnConfig(topk_budget="per_layer", importance_score="ratio")
+FORGET_MAX_DECAY_ONLY = 0.5  # % forget-train accuracy; a margin under a 1% goal on test
+FORGET_MAX_FINETUNE = 1.0
+
+
+class SweepConfig(NamedTuple):
+    """The calibration's grid and rule (``tdu_jax.calibrate.sweep_decay``).
+
+    K fractions of the units (LeNet's 300 ... 30,000 of 61,706 weights); Δt in time units of
+    ``exp(-λΔt)`` per step; ``forget_max`` in % forget-train accuracy (None: 0.5 without
+    fine-tuning, 1.0 with); sample sizes in images (0: every image).
+    """
+
+    top_ks: tuple[int | float, ...] = (0.005, 0.015, 0.05, 0.15, 0.5)
+    dts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    forget_max: float | None = None
+    search_steps: int = 6  # halvings of each K's gentlest-Δt bracket
+    forget_sample: int = 0  # forget-train images scored per point
+    retain_sample: int = 10_000  # retain-train images scored where the rule needs them
+    confirm_finetune: bool = True  # with fine-tuning: check the points through it
+
+
+DEFAULT_SWEEP = SweepConfig()
+
+
+class ForgetResult(NamedTuple):
+    unlearned: unlearn.UnlearnResult  # the run with the chosen K and Δt
+    calibration: dict  # the sweep (``calibrate.sweep_decay``; ``confirm_after_finetune``)
+    config: unlearn.UnlearnConfig  # the run's config: ``top_k``/``dt`` as chosen
+
+
+def forget_max(sweep: SweepConfig, config: unlearn.UnlearnConfig) -> float:
+    """The sweep's forget-train ceiling in % (``sweep.forget_max``, else by fine-tuning)."""
+    if sweep.forget_max is not None:
+        return sweep.forget_max
+    return FORGET_MAX_DECAY_ONLY if config.finetune == "none" else FORGET_MAX_FINETUNE
+
+
+def check_sweep_config(sweep: SweepConfig) -> None:
+    """Raises ValueError naming the bad setting and its allowed values."""
+    if not sweep.top_ks or not sweep.dts:
+        raise ValueError("sweep.top_ks and sweep.dts need at least one value each")
+    if not all(dt > 0 for dt in sweep.dts):
+        raise ValueError(f"sweep.dts must all be > 0; got {sweep.dts}")
+    if sweep.forget_max is not None and not 0 <= sweep.forget_max <= 100:
+        raise ValueError(f"sweep.forget_max must be in [0, 100] (%); got {sweep.forget_max}")
+    for name in ("search_steps", "forget_sample", "retain_sample"):
+        if getattr(sweep, name) < 0:
+            raise ValueError(f"sweep.{name} must be >= 0; got {getattr(sweep, name)}")
+
+
+def finetune_check_run(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    *,
+    data_in: unlearn.UnlearnData,
+    config: unlearn.UnlearnConfig,
+    key: jax.Array,
+    precomputed: importance.Importance | None,
+    dataset: str | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: Callable | None = None,
+) -> calibrate.RunFn:
+    """``(top_k, dt) -> (params, batch_stats)`` after ``config``'s decay and fine-tuning with
+    that point, no evaluation: the run ``calibrate.confirm_after_finetune`` checks."""
+    empty = data.Split(data_in.retain_train.images[:0], data_in.retain_train.labels[:0])
+    data_in = data_in._replace(test=empty)
+
+    def run(top_k, dt):
+        result = unlearn.unlearn(
+            model,
+            params,
+            batch_stats,
+            dataset=dataset,
+            data_in=data_in,
+            config=config._replace(top_k=top_k, dt=dt, evaluate_each_step=False),
+            key=key,
+            precomputed=precomputed,
+            preprocess=preprocess,
+            loss_fn=loss_fn,
+        )
+        return result.params, result.batch_stats
+
+    return run
+
+
+def forget(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    *,
+    train: data.Split,
+    forget_classes: Sequence[int],
+    key: jax.Array,
+    config: unlearn.UnlearnConfig = DECAY_ONLY,
+    sweep: SweepConfig = DEFAULT_SWEEP,
+    test: data.Split | None = None,
+    dataset: str | None = None,
+    preprocess: Callable | None = None,
+    loss_fn: Callable | None = None,
+    importance_fraction: float = 1.0,
+    retain_sample_size: int = 1000,
+    seed: int = 0,
+    precomputed: importance.Importance | None = None,
+    event: unlearn.Event | None = None,
+) -> ForgetResult:
+    """Forgets ``forget_classes``, with K and Δt chosen on ``train`` by the sweep's rule.
+
+    Args:
+      model, params, batch_stats: the trained model (any adapter's; batch_stats {} if none).
+      train: the training split (images as ``dataset``/``preprocess`` expect; labels (N,)).
+      forget_classes: labels to forget; the other labels of ``train`` are retained.
+      key: PRNG key of the run (random-K selection, fine-tune batch order).
+      config: the run's settings; its ``top_k`` and ``dt`` are replaced by the sweep's.
+      sweep: the calibration's grid and rule.
+      test: evaluated at every step when given (``config.evaluate_each_step``).
+      dataset, preprocess, loss_fn: as in ``unlearn.unlearn``.
+      importance_fraction: share of the forget-class images that importance scores (seeded).
+      retain_sample_size: retain images the ratio, selective and worst-class scores score.
+      seed: seed of the importance and retain samples.
+      precomputed: importance of every unit on this request (skips the importance pass).
+      event: progress hook, as in ``unlearn.unlearn``.
+
+    Returns:
+      ``ForgetResult``: the run, the calibration record (``chosen``, ``chosen_point``,
+      ``points``; with fine-tuning also ``tried`` and ``confirmed``) and the config used.
+
+    Raises:
+      ValueError naming the argument, before any work, on a bad config or sweep, a forget
+      class with no images in ``train``, or no retained images.
+    """
+    check_sweep_config(sweep)
+    if not 0 < importance_fraction <= 1:
+        raise ValueError(f"importance_fraction must be in (0, 1]; got {importance_fraction}")
+    classes = tuple(sorted({int(c) for c in forget_classes}))
+    forget_split, retain_split = data.forget_retain(train, classes)
+    missing = [c for c in classes if not (np.asarray(train.labels) == c).any()]
+    if not classes or missing:
+        raise ValueError(
+            f"forget_classes must name labels present in train; "
+            f"{missing or 'none'} given without images"
+        )
+    if retain_split.size == 0:
+        raise ValueError("train holds no image of a retained class")
+    spec = unlearn.config_units(params, config)
+    unlearn.validate_unlearn_config(config._replace(dt=min(sweep.dts)))
+    for k in sweep.top_ks:
+        try:
+            decay.resolve_k(k, spec.num_units)
+        except ValueError as e:
+            raise ValueError(f"sweep.top_ks: {e}") from None
+    sample = forget_split
+    if importance_fraction < 1:
+        sample = data.random_fraction(forget_split, importance_fraction, seed)
+    scored_retain = None
+    if selective.needs_retain_sample(config.importance_score):
+        scored_retain = selective.retain_sample(
+            retain_split, retain_sample_size, seed, config.importance_score
+        )
+    empty = data.Split(train.images[:0], train.labels[:0])
+    data_in = unlearn.UnlearnData(
+        sample, retain_split, empty if test is None else test, classes, scored_retain
+    )
+    kw = {"dataset": dataset, "preprocess": preprocess}
+    if precomputed is None:
+        precomputed, _ = unlearn.request_importance(
+            model, params, batch_stats, data_in=data_in, config=config, loss_fn=loss_fn, **kw
+        )
+    forget_scored = calibrate.subsample(forget_split, sweep.forget_sample, 0)
+    retain_scored = calibrate.subsample(retain_split, sweep.retain_sample, 0)
+    calibration = calibrate.sweep_decay(
+        model,
+        params,
+        batch_stats,
+        forget_train=forget_scored,
+        retain_train=retain_scored,
+        imp=precomputed,
+        spec=spec,
+        top_ks=sweep.top_ks,
+        dts=sweep.dts,
+        lam=config.lam,
+        decay_steps=config.decay_steps,
+        forget_max=forget_max(sweep, config),
+        search_steps=sweep.search_steps,
+        budget=config.topk_budget,
+        **kw,
+    )
+    if config.finetune != "none" and sweep.confirm_finetune:
+        run = finetune_check_run(
+            model,
+            params,
+            batch_stats,
+            data_in=data_in,
+            config=config,
+            key=key,
+            precomputed=precomputed,
+            loss_fn=loss_fn,
+            **kw,
+        )
+        calibration = calibrate.confirm_after_finetune(
+            model,
+            sweep=calibration,
+            run=run,
+            forget_train=forget_scored,
+            retain_train=retain_scored,
+            **kw,
+        )
+    chosen = config._replace(**calibration["chosen"])
+    if test is None:
+        chosen = chosen._replace(evaluate_each_step=False)
+    result = unlearn.unlearn(
+        model,
+        params,
+        batch_stats,
+        data_in=data_in,
+        config=chosen,
+        key=key,
+        event=event,
+        precomputed=precomputed,
+        loss_fn=loss_fn,
+        **kw,
+    )
+    return ForgetResult(result, calibration, chosen)
