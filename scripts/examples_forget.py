@@ -4,9 +4,12 @@ of models it was never tuned on:
 
   hand        the example as written (K = 12 filters, λ = 1, Δt = 1, T = 5, 20 fine-tune batches)
   forget_ft   ``tdu.forget`` with the example's config (K and Δt from the sweep, checked through
-              the same fine-tuning; 1% forget-train ceiling)
+              the same fine-tuning; 1% forget-train ceiling; the digit's output unit spared)
   forget_l1   ``tdu.forget`` decay-only with the library's defaults (``tdu.DECAY_ONLY``: ratio
               score, per-layer budget, 0.5% ceiling), the example's units
+  forget_l1_unspared  the same with the digit's own output unit among the candidates
+              (``spare_class_outputs=False``): what the rule picks when it may just silence
+              the logit
 
     python scripts/examples_forget.py --models=linen_cnn,nnx_cnn,function_mlp \\
         --digits=0,1,2,3,4,5,6,7,8,9 --seeds=0 --out=/tmp/examples_forget.jsonl
@@ -29,7 +32,7 @@ from examples import _mnist, function_mlp, linen_cnn, nnx_cnn
 from tdu_jax import units
 
 EXAMPLES = {"linen_cnn": linen_cnn, "nnx_cnn": nnx_cnn, "function_mlp": function_mlp}
-VARIANTS = ("hand", "forget_ft", "forget_l1")
+VARIANTS = ("hand", "forget_ft", "forget_l1", "forget_l1_unspared")
 
 
 def layers_of(spec: units.UnitSpec, selected) -> dict:
@@ -50,11 +53,13 @@ def variants(model, params, state, train, evaluation, digit, config, seed) -> di
         granularity=config.granularity, bn_pairs=config.bn_pairs, lam=config.lam,
         decay_steps=config.decay_steps, batch_size=config.batch_size,
     )  # fmt: skip
-    for name, cfg in (("forget_ft", config), ("forget_l1", decay_only)):
+    runs = (("forget_ft", config, True), ("forget_l1", decay_only, True),
+            ("forget_l1_unspared", decay_only, False))  # fmt: skip
+    for name, cfg, spare in runs:
         start = time.perf_counter()
         res = tdu.forget(model, params, state, train=train, forget_classes=(digit,),
                          key=jax.random.key(seed), config=cfg, seed=seed,
-                         preprocess=_mnist.preprocess)  # fmt: skip
+                         spare_class_outputs=spare, preprocess=_mnist.preprocess)  # fmt: skip
         acc = tdu.evaluate(model, res.unlearned.params, res.unlearned.batch_stats, evaluation,
                            forget_classes=(digit,), preprocess=_mnist.preprocess)  # fmt: skip
         out[name] = {

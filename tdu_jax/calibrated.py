@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdu_jax import calibrate, data, decay, importance, selective, unlearn
+from tdu_jax import adapters, calibrate, data, decay, importance, selective, units, unlearn
 
 PyTree = Any
 
@@ -84,6 +84,51 @@ def check_sweep_config(sweep: SweepConfig) -> None:
             raise ValueError(f"sweep.{name} must be >= 0; got {getattr(sweep, name)}")
 
 
+def class_output_units(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    spec: units.UnitSpec,
+    images: np.ndarray,
+    classes: Sequence[int],
+    *,
+    dataset: str | None = None,
+    preprocess: Callable | None = None,
+) -> np.ndarray:
+    """The units whose removal changes the logits of ``classes`` and no other logit.
+
+    These are the forget classes' own output units (their row of the head: a filter, or its
+    kernel column and bias entry). Decaying only them silences the class's logit while every
+    feature that recognises the class stays (the silenced control of ``tdu_jax.forgetting``).
+    Found by removing each unit of every layer with as many outputs as the model has logits
+    and comparing all logits on ``images`` exactly; other layers' units reach every logit.
+
+    Returns:
+      int64 global unit indices, sorted.
+    """
+    adapted = adapters.as_model(model)
+    inputs = adapters.preprocess_fn(dataset, preprocess)(images)
+    forward = jax.jit(lambda p: adapted.apply(p, batch_stats, inputs))
+    base = np.asarray(forward(params))
+    found = []
+    for layer in spec.layers:
+        if layer.out_channels != base.shape[-1]:
+            continue
+        for unit in range(layer.offset, layer.offset + layer.num_units):
+            changed = (np.asarray(forward(units.ablate(params, spec, [unit]))) != base).any(0)
+            if changed.sum() and set(np.flatnonzero(changed).tolist()) <= set(classes):
+                found.append(unit)
+    return np.asarray(found, dtype=np.int64)
+
+
+def ranked_last(imp: importance.Importance, spared: np.ndarray) -> importance.Importance:
+    """``imp`` with the ``spared`` units' scores at -inf: every ranking puts them last (a
+    per-layer budget takes them only once their layer's other units are all taken)."""
+    low = np.isin(imp.units, spared)
+    return imp._replace(accuracy_drop=np.where(low, -np.inf, imp.accuracy_drop),
+                        loss_increase=np.where(low, -np.inf, imp.loss_increase))  # fmt: skip
+
+
 def finetune_check_run(
     model: nn.Module,
     params: PyTree,
@@ -137,6 +182,7 @@ def forget(
     importance_fraction: float = 1.0,
     retain_sample_size: int = 1000,
     seed: int = 0,
+    spare_class_outputs: bool = True,
     precomputed: importance.Importance | None = None,
     event: unlearn.Event | None = None,
 ) -> ForgetResult:
@@ -154,12 +200,16 @@ def forget(
       importance_fraction: share of the forget-class images that importance scores (seeded).
       retain_sample_size: retain images the ratio, selective and worst-class scores score.
       seed: seed of the importance and retain samples.
+      spare_class_outputs: leave the forget classes' own output units out of the candidates
+        (``class_output_units``, found on up to 64 forget images), so the decay must reach the
+        features, not only silence the logit.
       precomputed: importance of every unit on this request (skips the importance pass).
       event: progress hook, as in ``unlearn.unlearn``.
 
     Returns:
       ``ForgetResult``: the run, the calibration record (``chosen``, ``chosen_point``,
-      ``points``; with fine-tuning also ``tried`` and ``confirmed``) and the config used.
+      ``points``, ``spared_units``; with fine-tuning also ``tried`` and ``confirmed``) and the
+      config used.
 
     Raises:
       ValueError naming the argument, before any work, on a bad config or sweep, a forget
@@ -202,6 +252,11 @@ def forget(
         precomputed, _ = unlearn.request_importance(
             model, params, batch_stats, data_in=data_in, config=config, loss_fn=loss_fn, **kw
         )
+    spared = np.zeros(0, np.int64)
+    if spare_class_outputs:
+        spared = class_output_units(model, params, batch_stats, spec, forget_split.images[:64],
+                                    classes, **kw)  # fmt: skip
+        precomputed = ranked_last(precomputed, spared)
     forget_scored = calibrate.subsample(forget_split, sweep.forget_sample, 0)
     retain_scored = calibrate.subsample(retain_split, sweep.retain_sample, 0)
     calibration = calibrate.sweep_decay(
@@ -241,6 +296,7 @@ def forget(
             retain_train=retain_scored,
             **kw,
         )
+    calibration["spared_units"] = spared.tolist()
     chosen = config._replace(**calibration["chosen"])
     if test is None:
         chosen = chosen._replace(evaluate_each_step=False)

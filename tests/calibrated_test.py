@@ -60,8 +60,10 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
         model, params, bs, train=train_split, forget_classes=[3], key=common.run_key(cfg),
         config=common.unlearn_config(cfg, retain.size), sweep=sweep, test=test_split,
         dataset="mnist", importance_fraction=0.5, retain_sample_size=50, seed=1,
+        spare_class_outputs=False,  # the experiments do not spare the class's output units
     )  # fmt: skip
     assert record["calibration"]["tried"], "the check through fine-tuning ran"
+    assert out.calibration.pop("spared_units") == []
     assert _no_seconds(out.calibration) == _no_seconds(record["calibration"])
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
     final, _ = common.accuracies(model, out.unlearned.params, out.unlearned.batch_stats, cfg,
@@ -84,10 +86,9 @@ def _float_images(images):
     return images.astype(jnp.float32) / 255.0
 
 
-def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(lenet):
-    # A decay-only request on a plain-function model: the final model is the sweep's chosen
-    # point, its selected units shrink by exp(-lambda dt T) exactly (hand-computed), and the
-    # rule's ceiling holds on the forget-train images.
+@pytest.fixture(scope="module")
+def mlp(lenet):
+    """The plain-function MLP trained for two epochs on the LeNet fixture's images."""
     _, _, _, train_split, _ = lenet
     k1, k2 = jax.random.split(jax.random.key(2))
     variables = {"params": {"hidden": {"kernel": jax.random.normal(k1, (784, 32)) * 0.05},
@@ -97,6 +98,37 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(lenet):
     params, state, _ = train.train(model, params, state, train_split, config=adam, epochs=2,
                                    batch_size=64, key=jax.random.key(3),
                                    preprocess=_float_images)  # fmt: skip
+    return model, params, state, train_split
+
+
+def _head_offset(spec: units.UnitSpec) -> int:
+    (head,) = [layer for layer in spec.layers if layer.name.startswith("out")]
+    return head.offset
+
+
+def test_class_output_units_are_the_class_row_of_the_head(mlp):
+    model, params, state, train_split = mlp
+    images = train_split.images[:40]
+    filters = units.enumerate_units(params, "filter")  # 32 hidden + 10 output neurons
+    found = calibrated.class_output_units(model, params, state, filters, images, [7, 2],
+                                          preprocess=_float_images)  # fmt: skip
+    np.testing.assert_array_equal(found, _head_offset(filters) + np.array([2, 7]))
+    # Weights: the head's kernel column of the class, but only from hidden units that are
+    # active on some image (a weight behind a dead ReLU changes no logit), computed by hand.
+    weights = units.enumerate_units(params, "weight")
+    found = calibrated.class_output_units(model, params, state, weights, images, [7],
+                                          preprocess=_float_images)  # fmt: skip
+    x = np.asarray(_float_images(jnp.asarray(images))).reshape(len(images), -1)
+    active = np.flatnonzero((np.maximum(x @ np.asarray(params["hidden"]["kernel"]), 0) > 0).any(0))
+    assert 0 < active.size
+    np.testing.assert_array_equal(found, _head_offset(weights) + active * 10 + 7)
+
+
+def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
+    # A decay-only request on a plain-function model: the final model is the sweep's chosen
+    # point, its selected units shrink by exp(-lambda dt T) exactly (hand-computed), the
+    # rule's ceiling holds on the forget-train images, and the class's output unit is spared.
+    model, params, state, train_split = mlp
     config = tdu.DECAY_ONLY._replace(granularity="filter", unit_chunk=16, sample_batch=256)
     out = tdu.forget(model, params, state, train=train_split, forget_classes=(7,),
                      key=jax.random.key(4), config=config, retain_sample_size=200,
@@ -112,6 +144,8 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(lenet):
         point["forget_train_acc"], abs=1e-9
     )
     spec = units.enumerate_units(params, "filter")
+    assert out.calibration["spared_units"] == [_head_offset(spec) + 7]
+    assert _head_offset(spec) + 7 not in out.unlearned.selected
     assert out.unlearned.selected.size == decay.resolve_k(point["top_k"], spec.num_units)
     mask = units.unit_mask(params, spec, out.unlearned.selected)
     factor = np.exp(-config.lam * point["dt"] * config.decay_steps)
