@@ -1,15 +1,14 @@
 """The examples' own models (examples/: a Linen CNN with BatchNorm and dropout, an NNX CNN, a
-pure-function MLP) forget each digit three ways, to see whether ``tdu.forget`` sizes the decay
+pure-function MLP) forget each digit five ways, to see whether ``tdu.forget`` sizes the decay
 of models it was never tuned on:
 
   hand        the example as written (K = 12 filters, λ = 1, Δt = 1, T = 5, 20 fine-tune batches)
   forget_ft   ``tdu.forget`` with the example's config (K and Δt from the sweep, checked through
-              the same fine-tuning; 1% forget-train ceiling; the digit's output unit spared)
+              the same fine-tuning; 1% forget-train ceiling)
   forget_l1   ``tdu.forget`` decay-only with the library's defaults (``tdu.DECAY_ONLY``: ratio
               score, per-layer budget, 0.5% ceiling), the example's units
-  forget_l1_unspared  the same with the digit's own output unit among the candidates
-              (``spare_class_outputs=False``): what the rule picks when it may just silence
-              the logit
+  *_spared    the same with ``spare_class_outputs=True``: the digit's own output unit ranked
+              last, so the sweep cannot settle for silencing the logit
 
     python scripts/examples_forget.py --models=linen_cnn,nnx_cnn,function_mlp \\
         --digits=0,1,2,3,4,5,6,7,8,9 --seeds=0 --out=/tmp/examples_forget.jsonl
@@ -32,7 +31,7 @@ from examples import _mnist, function_mlp, linen_cnn, nnx_cnn
 from tdu_jax import units
 
 EXAMPLES = {"linen_cnn": linen_cnn, "nnx_cnn": nnx_cnn, "function_mlp": function_mlp}
-VARIANTS = ("hand", "forget_ft", "forget_l1", "forget_l1_unspared")
+VARIANTS = ("hand", "forget_ft", "forget_ft_spared", "forget_l1", "forget_l1_spared")
 
 
 def layers_of(spec: units.UnitSpec, selected) -> dict:
@@ -53,8 +52,8 @@ def variants(model, params, state, train, evaluation, digit, config, seed) -> di
         granularity=config.granularity, bn_pairs=config.bn_pairs, lam=config.lam,
         decay_steps=config.decay_steps, batch_size=config.batch_size,
     )  # fmt: skip
-    runs = (("forget_ft", config, True), ("forget_l1", decay_only, True),
-            ("forget_l1_unspared", decay_only, False))  # fmt: skip
+    runs = (("forget_ft", config, False), ("forget_ft_spared", config, True),
+            ("forget_l1", decay_only, False), ("forget_l1_spared", decay_only, True))  # fmt: skip
     for name, cfg, spare in runs:
         start = time.perf_counter()
         res = tdu.forget(model, params, state, train=train, forget_classes=(digit,),
@@ -66,6 +65,7 @@ def variants(model, params, state, train, evaluation, digit, config, seed) -> di
             **{k: acc[k] for k in ("forget_acc", "retain_acc", "test_acc")},
             **res.calibration["chosen"], "units": int(res.unlearned.selected.size),
             "layers": layers_of(res.unlearned.spec, res.unlearned.selected),
+            "only_class_outputs": res.calibration["only_class_outputs"],
             "chosen_point": res.calibration["chosen_point"],
             "seconds": time.perf_counter() - start,
         }  # fmt: skip

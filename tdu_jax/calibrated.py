@@ -36,6 +36,7 @@ PyTree = Any
 DECAY_ONLY = unlearn.UnlearnConfig(topk_budget="per_layer", importance_score="ratio")
 FORGET_MAX_DECAY_ONLY = 0.5  # % forget-train accuracy; a margin under a 1% goal on test
 FORGET_MAX_FINETUNE = 1.0
+PROBES = 8  # units per candidate head layer removed to tell whether it is the head
 
 
 class SweepConfig(NamedTuple):
@@ -95,13 +96,15 @@ def class_output_units(
     dataset: str | None = None,
     preprocess: Callable | None = None,
 ) -> np.ndarray:
-    """The units whose removal changes the logits of ``classes`` and no other logit.
+    """The forget classes' own output units: the head's units that feed only their logits.
 
-    These are the forget classes' own output units (their row of the head: a filter, or its
-    kernel column and bias entry). Decaying only them silences the class's logit while every
-    feature that recognises the class stays (the silenced control of ``tdu_jax.forgetting``).
-    Found by removing each unit of every layer with as many outputs as the model has logits
-    and comparing all logits on ``images`` exactly; other layers' units reach every logit.
+    The head is found by removing units, not by name: a layer with as many output channels
+    as the model has logits, where each of up to ``PROBES`` units spread over the layer
+    changes exactly the logit of its own channel on ``images`` (compared exactly), and at
+    least one changes it. Its units of ``classes``' channels are returned: the class's
+    filter, or its kernel column and bias entry (weights). Decaying only these silences the
+    class's logit and leaves every feature that recognises the class (the silenced control
+    of ``tdu_jax.forgetting``).
 
     Returns:
       int64 global unit indices, sorted.
@@ -112,13 +115,23 @@ def class_output_units(
     base = np.asarray(forward(params))
     found = []
     for layer in spec.layers:
-        if layer.out_channels != base.shape[-1]:
+        num_logits = base.shape[-1]
+        if layer.out_channels != num_logits:
             continue
-        for unit in range(layer.offset, layer.offset + layer.num_units):
-            changed = (np.asarray(forward(units.ablate(params, spec, [unit]))) != base).any(0)
-            if changed.sum() and set(np.flatnonzero(changed).tolist()) <= set(classes):
-                found.append(unit)
-    return np.asarray(found, dtype=np.int64)
+        local = np.arange(layer.num_units)
+        channel = local  # filter units: one per output channel
+        if spec.granularity == "weight":  # kernel entries (channel last), then bias entries
+            kernel_size = int(np.prod(layer.kernel_shape))
+            channel = np.where(local < kernel_size, local % num_logits, local - kernel_size)
+        probes = np.unique(np.linspace(0, layer.num_units - 1, PROBES).astype(np.int64))
+        feeds = []
+        for unit in probes:
+            ablated = units.ablate(params, spec, np.array([layer.offset + unit]))
+            feeds.append(np.flatnonzero((np.asarray(forward(ablated)) != base).any(0)).tolist())
+        own = [f in ([], [int(channel[u])]) for u, f in zip(probes, feeds, strict=True)]
+        if any(feeds) and all(own):
+            found.extend(layer.offset + local[np.isin(channel, list(classes))])
+    return np.sort(np.asarray(found, dtype=np.int64))
 
 
 def ranked_last(imp: importance.Importance, spared: np.ndarray) -> importance.Importance:
@@ -182,7 +195,7 @@ def forget(
     importance_fraction: float = 1.0,
     retain_sample_size: int = 1000,
     seed: int = 0,
-    spare_class_outputs: bool = True,
+    spare_class_outputs: bool = False,
     precomputed: importance.Importance | None = None,
     event: unlearn.Event | None = None,
 ) -> ForgetResult:
@@ -200,16 +213,17 @@ def forget(
       importance_fraction: share of the forget-class images that importance scores (seeded).
       retain_sample_size: retain images the ratio, selective and worst-class scores score.
       seed: seed of the importance and retain samples.
-      spare_class_outputs: leave the forget classes' own output units out of the candidates
-        (``class_output_units``, found on up to 64 forget images), so the decay must reach the
-        features, not only silence the logit.
+      spare_class_outputs: rank the forget classes' own output units (``class_output_units``,
+        found on up to 64 forget images) last, so the decay must reach the features. Off by
+        default, as in the experiments' tables; ``calibration["only_class_outputs"]`` says when
+        the run decayed those units alone, which is the silenced control, not forgetting.
       precomputed: importance of every unit on this request (skips the importance pass).
       event: progress hook, as in ``unlearn.unlearn``.
 
     Returns:
       ``ForgetResult``: the run, the calibration record (``chosen``, ``chosen_point``,
-      ``points``, ``spared_units``; with fine-tuning also ``tried`` and ``confirmed``) and the
-      config used.
+      ``points``, ``class_output_units``, ``spared``, ``only_class_outputs``; with fine-tuning
+      also ``tried`` and ``confirmed``) and the config used.
 
     Raises:
       ValueError naming the argument, before any work, on a bad config or sweep, a forget
@@ -252,11 +266,10 @@ def forget(
         precomputed, _ = unlearn.request_importance(
             model, params, batch_stats, data_in=data_in, config=config, loss_fn=loss_fn, **kw
         )
-    spared = np.zeros(0, np.int64)
+    outputs = class_output_units(model, params, batch_stats, spec, forget_split.images[:64],
+                                 classes, **kw)  # fmt: skip
     if spare_class_outputs:
-        spared = class_output_units(model, params, batch_stats, spec, forget_split.images[:64],
-                                    classes, **kw)  # fmt: skip
-        precomputed = ranked_last(precomputed, spared)
+        precomputed = ranked_last(precomputed, outputs)
     forget_scored = calibrate.subsample(forget_split, sweep.forget_sample, 0)
     retain_scored = calibrate.subsample(retain_split, sweep.retain_sample, 0)
     calibration = calibrate.sweep_decay(
@@ -296,7 +309,7 @@ def forget(
             retain_train=retain_scored,
             **kw,
         )
-    calibration["spared_units"] = spared.tolist()
+    calibration.update(class_output_units=outputs.tolist(), spared=spare_class_outputs)
     chosen = config._replace(**calibration["chosen"])
     if test is None:
         chosen = chosen._replace(evaluate_each_step=False)
@@ -312,4 +325,6 @@ def forget(
         loss_fn=loss_fn,
         **kw,
     )
+    only = result.selected.size > 0 and bool(np.isin(result.selected, outputs).all())
+    calibration["only_class_outputs"] = only
     return ForgetResult(result, calibration, chosen)

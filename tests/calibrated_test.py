@@ -60,10 +60,10 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
         model, params, bs, train=train_split, forget_classes=[3], key=common.run_key(cfg),
         config=common.unlearn_config(cfg, retain.size), sweep=sweep, test=test_split,
         dataset="mnist", importance_fraction=0.5, retain_sample_size=50, seed=1,
-        spare_class_outputs=False,  # the experiments do not spare the class's output units
     )  # fmt: skip
     assert record["calibration"]["tried"], "the check through fine-tuning ran"
-    assert out.calibration.pop("spared_units") == []
+    for key in ("class_output_units", "spared", "only_class_outputs"):  # the library's own
+        out.calibration.pop(key)
     assert _no_seconds(out.calibration) == _no_seconds(record["calibration"])
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
     final, _ = common.accuracies(model, out.unlearned.params, out.unlearned.batch_stats, cfg,
@@ -113,15 +113,24 @@ def test_class_output_units_are_the_class_row_of_the_head(mlp):
     found = calibrated.class_output_units(model, params, state, filters, images, [7, 2],
                                           preprocess=_float_images)  # fmt: skip
     np.testing.assert_array_equal(found, _head_offset(filters) + np.array([2, 7]))
-    # Weights: the head's kernel column of the class, but only from hidden units that are
-    # active on some image (a weight behind a dead ReLU changes no logit), computed by hand.
+    # Weights: the class's kernel column of the head (32 x 10 kernel, no bias): entry
+    # (i, 7) is the head's unit 10 i + 7.
     weights = units.enumerate_units(params, "weight")
     found = calibrated.class_output_units(model, params, state, weights, images, [7],
                                           preprocess=_float_images)  # fmt: skip
-    x = np.asarray(_float_images(jnp.asarray(images))).reshape(len(images), -1)
-    active = np.flatnonzero((np.maximum(x @ np.asarray(params["hidden"]["kernel"]), 0) > 0).any(0))
-    assert 0 < active.size
-    np.testing.assert_array_equal(found, _head_offset(weights) + active * 10 + 7)
+    np.testing.assert_array_equal(found, _head_offset(weights) + np.arange(32) * 10 + 7)
+
+
+def test_a_layer_with_as_many_channels_as_logits_is_not_taken_for_the_head(mlp):
+    # A 10-unit hidden layer (784 -> 10 -> 10): its units each reach every logit.
+    model, params, state, train_split = mlp
+    k1, k2 = jax.random.split(jax.random.key(5))
+    wide = {"hidden": {"kernel": jax.random.normal(k1, (784, 10)) * 0.05},
+            "out": {"kernel": jax.random.normal(k2, (10, 10)) * 0.3}}  # fmt: skip
+    spec = units.enumerate_units(wide, "filter")
+    found = calibrated.class_output_units(model, wide, state, spec, train_split.images[:40],
+                                          [3], preprocess=_float_images)  # fmt: skip
+    np.testing.assert_array_equal(found, [_head_offset(spec) + 3])
 
 
 def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
@@ -132,7 +141,7 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
     config = tdu.DECAY_ONLY._replace(granularity="filter", unit_chunk=16, sample_batch=256)
     out = tdu.forget(model, params, state, train=train_split, forget_classes=(7,),
                      key=jax.random.key(4), config=config, retain_sample_size=200,
-                     preprocess=_float_images)  # fmt: skip
+                     spare_class_outputs=True, preprocess=_float_images)  # fmt: skip
 
     point = out.calibration["chosen_point"]
     assert out.calibration["forget_max"] == calibrated.FORGET_MAX_DECAY_ONLY
@@ -144,8 +153,9 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
         point["forget_train_acc"], abs=1e-9
     )
     spec = units.enumerate_units(params, "filter")
-    assert out.calibration["spared_units"] == [_head_offset(spec) + 7]
+    assert out.calibration["class_output_units"] == [_head_offset(spec) + 7]
     assert _head_offset(spec) + 7 not in out.unlearned.selected
+    assert not out.calibration["only_class_outputs"]
     assert out.unlearned.selected.size == decay.resolve_k(point["top_k"], spec.num_units)
     mask = units.unit_mask(params, spec, out.unlearned.selected)
     factor = np.exp(-config.lam * point["dt"] * config.decay_steps)
