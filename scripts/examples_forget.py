@@ -25,6 +25,7 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 
 import tdu_jax as tdu
 from examples import _mnist, function_mlp, linen_cnn, nnx_cnn
@@ -96,13 +97,52 @@ def brief(line: dict) -> dict:
             for k, v in line.items()}  # fmt: skip
 
 
+def mean_std(values) -> str:
+    """'mean ± sample std' to 2 decimals (std 0 for one value)."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{float(np.mean(values)):.2f} ± {std:.2f}"
+
+
+def summary_markdown(lines: list[dict]) -> str:
+    """Per model and variant: requests, forget and retain accuracy (mean ± std), requests
+    with forget <= 1%, retain within 1 point of the model before, decayed units (mean) and
+    requests that decayed only the digit's own output unit."""
+    rows = ["| model | variant | requests | forget % | retain % (before) | forget <= 1 | "
+            "retain >= before - 1 | units | only the class's output unit |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model in dict.fromkeys(r["model"] for r in lines):
+        group = [r for r in lines if r["model"] == model]
+        before = np.array([r["hand"]["before"]["retain_acc"] for r in group])
+        for variant in VARIANTS:
+            runs = [r[variant] for r in group if variant in r]
+            if not runs:
+                continue
+            forget = np.array([x["forget_acc"] for x in runs])
+            retain = np.array([x["retain_acc"] for x in runs])
+            units_ = [x.get("units", x.get("top_k")) for x in runs]
+            only = sum(bool(x.get("only_class_outputs")) for x in runs)
+            rows.append(
+                f"| {model} | {variant} | {len(runs)} | {mean_std(forget)} "
+                f"| {mean_std(retain)} ({before.mean():.2f}) "
+                f"| {(forget <= 1).sum()}/{len(runs)} | {(retain >= before - 1).sum()}/{len(runs)} "
+                f"| {np.mean(units_):.1f} | {only}/{len(runs)} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(EXAMPLES))
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="examples_forget.jsonl")
+    parser.add_argument("--summarize", action="store_true",
+                        help="print the table of --out's lines and stop")  # fmt: skip
     args = parser.parse_args()
+    if args.summarize:
+        lines = [json.loads(x) for x in pathlib.Path(args.out).read_text().splitlines()]
+        print(summary_markdown(lines))
+        return
     names = args.models.split(",")
     unknown = [n for n in names if n not in EXAMPLES]
     if unknown:
