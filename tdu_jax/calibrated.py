@@ -19,6 +19,13 @@ without fine-tuning the ratio score (forget loss increase per retain loss increa
 ``retain_sample_size`` retain images) on a per-layer top-K budget, under a 0.5% forget-train
 ceiling; with fine-tuning a 1% ceiling, checked through the run's own fine-tuning. K is a grid
 of fractions of the units, so it fits any model's size.
+
+The sweep's rule sees accuracies only. Where the forget classes' own output units are
+candidates (their row of the head; the tables keep them), a decay-only sweep over few, coarse
+units (filters of a small CNN) may settle for those alone: the class's logit silenced, its
+features intact (the silenced control). ``calibration["only_class_outputs"]`` says so;
+``spare_class_outputs=True`` ranks those units last, and fine-tuning rows are the better
+choice for such models (BUILD_NOTES: the examples' models).
 """
 
 from collections.abc import Callable, Sequence
