@@ -810,7 +810,7 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
 
     check = calibrated.finetune_check_run(
         model, params, batch_stats, dataset=cfg.dataset,
-        data_in=unlearn.UnlearnData(sample, retain, _empty(train_split), cfg.forget_class, extra),
+        data_in=unlearn.UnlearnData(sample, retain, data.take(retain, 0), cfg.forget_class, extra),
         config=unlearn_config(cfg, retain.size), key=run_key(cfg), precomputed=precomputed,
     )  # fmt: skip
 
@@ -833,10 +833,6 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
 def run_key(cfg: ExperimentConfig) -> jax.Array:
     """The unlearning run's key (random-K selection and fine-tune batch order)."""
     return jax.random.fold_in(jax.random.key(cfg.seed), 1)
-
-
-def _empty(split: data.Split) -> data.Split:
-    return data.Split(split.images[:0], split.labels[:0])
 
 
 def sweep_samples(cfg: ExperimentConfig, train_split: data.Split) -> tuple[data.Split, ...]:

@@ -120,9 +120,9 @@ def class_output_units(
     inputs = adapters.preprocess_fn(dataset, preprocess)(images)
     forward = jax.jit(lambda p: adapted.apply(p, batch_stats, inputs))
     base = np.asarray(forward(params))
+    num_logits = base.shape[-1]
     found = []
     for layer in spec.layers:
-        num_logits = base.shape[-1]
         if layer.out_channels != num_logits:
             continue
         local = np.arange(layer.num_units)
@@ -164,8 +164,7 @@ def finetune_check_run(
 ) -> calibrate.RunFn:
     """``(top_k, dt) -> (params, batch_stats)`` after ``config``'s decay and fine-tuning with
     that point, no evaluation: the run ``calibrate.confirm_after_finetune`` checks."""
-    empty = data.Split(data_in.retain_train.images[:0], data_in.retain_train.labels[:0])
-    data_in = data_in._replace(test=empty)
+    data_in = data_in._replace(test=data.take(data_in.retain_train, 0))
 
     def run(top_k, dt):
         result = unlearn.unlearn(
@@ -264,9 +263,8 @@ def forget(
         scored_retain = selective.retain_sample(
             retain_split, retain_sample_size, seed, config.importance_score
         )
-    empty = data.Split(train.images[:0], train.labels[:0])
     data_in = unlearn.UnlearnData(
-        sample, retain_split, empty if test is None else test, classes, scored_retain
+        sample, retain_split, data.take(train, 0) if test is None else test, classes, scored_retain
     )
     kw = {"dataset": dataset, "preprocess": preprocess}
     if precomputed is None:
