@@ -23,6 +23,10 @@ calibration of ``tdu_jax.calibrate``); it lives in ``tdu_jax.calibrated``::
 
     out = tdu.forget(model, params, state, train=train_split, forget_classes=(3,),
                      key=jax.random.key(0), preprocess=preprocess)
+
+``forgetting_metrics`` judges any model the same way (membership-inference attacks, a linear
+probe on the output layer's input, steps to relearn; ``tdu_jax.forgetting``), e.g. the
+unlearned model beside one retrained without the class and the ``silence_classes`` control.
 """
 
 from tdu_jax.adapters import (
@@ -43,6 +47,7 @@ from tdu_jax.calibrated import DECAY_ONLY, ForgetResult, SweepConfig, forget
 from tdu_jax.data import Split
 from tdu_jax.decay import decay as apply_decay
 from tdu_jax.decay import decay_step, rank_units, select_random_k, select_top_k
+from tdu_jax.forgetting import forgetting_metrics, silence_classes
 from tdu_jax.importance import Importance, ablation_importance, naive_importance
 from tdu_jax.metrics import evaluate, predict
 from tdu_jax.train import OptimizerConfig, fine_tune
@@ -93,6 +98,7 @@ __all__ = [
     "find_bn_pairs",
     "fine_tune",
     "forget",
+    "forgetting_metrics",
     "finetune_once",
     "from_function",
     "from_linen",
@@ -108,6 +114,7 @@ __all__ = [
     "select_random_k",
     "select_top_k",
     "select_units",
+    "silence_classes",
     "unit_mask",
     "unit_name",
     "unlearn_result",

@@ -429,6 +429,56 @@ def nnx_bn_pairs(model: NNXModel, params: PyTree, state: PyTree, images: jax.Arr
     return pairs
 
 
+def head_input(model: Any, params: PyTree, state: PyTree, inputs: jax.Array) -> jax.Array:
+    """The input of a Linen or NNX model's output layer, in evaluation mode.
+
+    The output layer is the last ``Dense`` / ``Conv`` (``nnx.Linear`` / ``nnx.Conv``) called in
+    the forward pass; its output must have the logits' shape (a model that transforms the
+    head's output, or ends in another layer, is refused). Traceable: jit it.
+
+    Args:
+      model: a Linen module, ``LinenModel`` or ``NNXModel`` (plain functions cannot be
+        looked into: give their features yourself).
+      params, state: the model's variables.
+      inputs: a batch of model inputs (B, ...).
+
+    Returns:
+      The output layer's input, e.g. (B, D) for a dense head.
+    """
+    adapted = as_model(model)
+    calls = []  # (input, output) of every kernel layer call, in call order
+    if isinstance(adapted, LinenModel):
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            kernel_layer = isinstance(context.module, nn.Dense | nn.Conv)
+            if context.method_name == "__call__" and kernel_layer and args:
+                calls.append((args[0], out))
+            return out
+
+        with nn.intercept_methods(interceptor):
+            logits = adapted.apply(params, state, inputs)
+    elif isinstance(adapted, NNXModel):
+        from flax import nnx
+
+        module = adapted._merge(adapted.eval_graphdef, params, state)
+        record = lambda _, x, out: calls.append((x, out))
+        with _recording_calls((nnx.Linear, nnx.Conv), record):
+            logits = module(inputs)
+    else:
+        raise TypeError(
+            f"cannot find the output layer's input of a {type(adapted).__name__}; pass "
+            "features_fn(params, state, inputs) -> (N, D) giving it"
+        )
+    if not calls or calls[-1][1].shape != logits.shape:
+        found = calls[-1][1].shape if calls else "no Dense/Conv call"
+        raise ValueError(
+            f"the last Dense/Conv layer's output ({found}) is not the logits {logits.shape}; "
+            "pass features_fn(params, state, inputs) -> (N, D) giving the output layer's input"
+        )
+    return calls[-1][0]
+
+
 def find_bn_pairs(model: Any, params: PyTree, state: PyTree, images: jax.Array) -> dict:
     """BatchNorm pairs ``{layer: BatchNorm}`` from the computation of a Linen or NNX model.
 

@@ -44,7 +44,6 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,10 +53,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from tdu_jax import data, metrics, train
+from tdu_jax import adapters, data, metrics, train
 
 PyTree = Any
-FeaturesFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images_float) -> (N, D)
+FeaturesFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]  # (params, state, inputs) -> (N, D)
 
 # forgetting_metrics' relearning batches: forget sample only (False) or forget sample plus as
 # many retain images (True). Chosen by measurement on LeNet/MNIST, see `relearn_steps`.
@@ -187,62 +186,66 @@ def _pool_flat(x: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _features_fn(model: nn.Module, dataset: str, features_fn: FeaturesFn | None) -> Callable:
-    """Jitted fn(params, batch_stats, images_uint8_BxHxWxC) -> features (B, D)."""
+def _features_fn(model: Any, preprocess: Callable, features_fn: FeaturesFn | None) -> Callable:
+    """Jitted fn(params, batch_stats, images_BxHxWxC) -> features (B, D)."""
     if features_fn is not None:
-
-        def fn(params, batch_stats, images):
-            variables = {"params": params, "batch_stats": batch_stats}
-            return _pool_flat(features_fn(variables, data.to_float(images, dataset)))
-
-    else:
+        fn = lambda p, s, images: _pool_flat(features_fn(p, s, preprocess(images)))
+    elif hasattr(model, "stages"):
         from tdu_jax.models import apply_stages
 
         stages = model.stages()
 
         def fn(params, batch_stats, images):
-            x = data.to_float(images, dataset)
+            x = preprocess(images)
             return _pool_flat(apply_stages(stages, params, batch_stats, x, 0, len(stages) - 1))
 
+    else:
+        fn = lambda p, s, images: _pool_flat(adapters.head_input(model, p, s, preprocess(images)))
     return jax.jit(fn)
 
 
 def penultimate_features(
-    model: nn.Module,
+    model: Any,
     params: PyTree,
     batch_stats: PyTree,
     images_uint8: np.ndarray,
     *,
-    dataset: str,
+    dataset: str | None = None,
     batch_size: int = 1000,
     features_fn: FeaturesFn | None = None,
+    preprocess: Callable | None = None,
 ) -> np.ndarray:
     """The input of the output layer, in evaluation mode.
 
-    All stages but the last (`model.stages()`) are applied; a 4-D result (B, H, W, C) is
-    global-average-pooled (the ResNet head pools, then applies its Dense), anything else is
-    flattened, so the features are exactly what the output layer reads.
+    For models with `stages()` (`tdu_jax.models`) all stages but the last are applied; for
+    other Linen and NNX models it is the input of the last Dense/Conv layer called
+    (`adapters.head_input`); plain-function models give `features_fn`. A 4-D result
+    (B, H, W, C) is global-average-pooled (the ResNet head pools, then applies its Dense),
+    anything else is flattened, so the features are exactly what the output layer reads.
 
     Args:
-      model: flax module with `stages()`, or any module if `features_fn` is given.
+      model: flax module or adapter (`tdu_jax.adapters`).
       params: parameters.
-      batch_stats: BatchNorm statistics, or {}.
-      images_uint8: uint8 (N, H, W, C) images.
-      dataset: dataset name (normalisation).
+      batch_stats: BatchNorm statistics (an adapter's state), or {}.
+      images_uint8: (N, H, W, C) images: uint8 for `dataset`, or what `preprocess` takes.
+      dataset: dataset name (normalisation of uint8 images), or None.
       batch_size: inference batch size (one trace per model and batch size).
-      features_fn: for models without stages: `features_fn(variables, images_float) -> (N, D)`
-        with variables {"params", "batch_stats"}; used instead of the stages when given. Pass
-        the same function object each time, or it is traced again.
+      features_fn: `features_fn(params, state, inputs) -> (N, D)`, used instead of the
+        stages or the interception when given. Pass the same function object each time, or it
+        is traced again.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       float32 (N, D) features.
     """
     if features_fn is None and not hasattr(model, "stages"):
-        raise ValueError(
-            f"{type(model).__name__} has no stages(); pass features_fn(variables, "
-            "images_float) -> (N, D) giving the input of its output layer."
-        )
-    fn = _features_fn(model, data.check_dataset(dataset), features_fn)
+        kind = adapters.as_model(model)
+        if not isinstance(kind, adapters.LinenModel | adapters.NNXModel):
+            raise ValueError(
+                f"{type(kind).__name__} cannot be looked into; pass features_fn(params, state, "
+                "inputs) -> (N, D) giving the input of its output layer."
+            )
+    fn = _features_fn(model, adapters.preprocess_fn(dataset, preprocess), features_fn)
     return metrics._batched(functools.partial(fn, params, batch_stats), [images_uint8], batch_size)
 
 
@@ -480,38 +483,38 @@ def silence_classes(
 
 
 @functools.cache
-def _relearn_step(model: nn.Module, dataset: str, momentum: float):
-    """(tx, jitted step(params, batch_stats, opt_state, images, labels, lr) -> same three).
+def _relearn_step(model: Any, preprocess: Callable, momentum: float):
+    """(tx, jitted step(params, state, opt_state, images, labels, lr, rng) -> same three).
 
     The learning rate is an argument, not a constant, so every lr shares one compilation.
     """
     tx = optax.sgd(1.0, momentum=momentum)  # -(momentum trace); scaled by lr below
+    adapted = adapters.as_model(model)
 
-    def step(params, batch_stats, opt_state, images, labels, lr):
-        x = data.to_float(images, dataset)
+    def step(params, state, opt_state, images, labels, lr, rng):
+        x = preprocess(images)
 
         def loss_fn(p):
-            variables = {"params": p, "batch_stats": batch_stats}
-            # BatchNorm in training mode, as train.train_step; models without BN return {}.
-            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            return train.cross_entropy(logits, labels), updates
+            # Training mode (BatchNorm batch statistics, dropout from rng), as train.train_step.
+            logits, new_state = adapted.train_apply(p, state, x, rng)
+            return train.cross_entropy(logits, labels), new_state
 
-        grads, updates = jax.grad(loss_fn, has_aux=True)(params)
+        grads, new_state = jax.grad(loss_fn, has_aux=True)(params)
         changes, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, changes))
-        return params, updates.get("batch_stats", batch_stats), opt_state
+        return params, new_state, opt_state
 
     return tx, jax.jit(step)
 
 
 def relearn_steps(
-    model: nn.Module,
+    model: Any,
     params: PyTree,
     batch_stats: PyTree,
     relearn_split: data.Split,
     forget_test: data.Split,
     *,
-    dataset: str,
+    dataset: str | None = None,
     key: jax.Array,
     retain_split: data.Split | None = None,
     lr: float = 0.01,
@@ -519,11 +522,13 @@ def relearn_steps(
     target: float = 50.0,
     max_steps: int = 200,
     eval_every: int = 1,
+    preprocess: Callable | None = None,
 ) -> int:
     """Optimizer steps of relearning until the forget test accuracy reaches `target` %.
 
     Plain SGD (momentum 0.9, no weight decay) on the labelled forget sample `relearn_split`;
-    BatchNorm statistics update in training mode. The forget test accuracy is measured before
+    the model runs in training mode (`train_apply`: BatchNorm statistics update, dropout draws
+    from `key`). The forget test accuracy is measured before
     any step (a model already at the target gives 0), after every `eval_every` steps and after
     the last one.
 
@@ -541,19 +546,20 @@ def relearn_steps(
     logit.
 
     Args:
-      model: flax module.
+      model: flax module or adapter (`tdu_jax.adapters`).
       params: parameters (not modified).
-      batch_stats: BatchNorm statistics (not modified), or {}.
+      batch_stats: BatchNorm statistics (an adapter's state; not modified), or {}.
       relearn_split: labelled forget-class sample (e.g. 100 training images).
       forget_test: forget-class test images and labels, for the accuracy.
-      dataset: dataset name (normalisation).
-      key: PRNG key of the batch order and the retain draws.
+      dataset: dataset name (normalisation of uint8 images), or None.
+      key: PRNG key of the batch order, the retain draws and dropout.
       retain_split: optional retain images mixed into every batch.
       lr: learning rate, >= 0 (0 never relearns: a check of the cap).
       batch_size: forget images per step; None = the whole sample every step.
       target: forget test accuracy (%) to reach.
       max_steps: most steps to run.
       eval_every: steps between accuracy checks.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       Steps taken to reach `target`, or `max_steps + 1` if it was not reached within
@@ -564,14 +570,14 @@ def relearn_steps(
             f"need max_steps >= 0, eval_every >= 1 and lr >= 0; got {max_steps}, {eval_every}, "
             f"{lr}."
         )
-    dataset = data.check_dataset(dataset)
+    preprocess = adapters.preprocess_fn(dataset, preprocess)
     n = relearn_split.size
     b = n if batch_size is None else int(batch_size)
     if not 1 <= b <= n:
         raise ValueError(f"batch_size must be in 1..{n} (the relearn sample size); got {b}.")
 
     def forget_acc(p, bs):
-        preds = metrics.predict(model, p, bs, forget_test.images, dataset=dataset)
+        preds = metrics.predict(model, p, bs, forget_test.images, preprocess=preprocess)
         return metrics.accuracy(preds, forget_test.labels)
 
     if forget_acc(params, batch_stats) >= target:
@@ -582,7 +588,8 @@ def relearn_steps(
     if retain_split is not None:
         retain_index = data.batch_indices(retain_split.size, b, k_retain, max_steps)
 
-    tx, step_fn = _relearn_step(model, dataset, 0.9)
+    k_dropout = jax.random.fold_in(key, 2)
+    tx, step_fn = _relearn_step(model, preprocess, 0.9)
     lr = jnp.float32(lr)
     p, bs = params, batch_stats
     opt_state = tx.init(p)
@@ -592,7 +599,8 @@ def relearn_steps(
         if retain_index is not None:
             images = np.concatenate([images, retain_split.images[retain_index[s]]])
             labels = np.concatenate([labels, retain_split.labels[retain_index[s]]])
-        p, bs, opt_state = step_fn(p, bs, opt_state, images, labels.astype(np.int32), lr)
+        rng = jax.random.fold_in(k_dropout, s)
+        p, bs, opt_state = step_fn(p, bs, opt_state, images, labels.astype(np.int32), lr, rng)
         done = s + 1
         if (done % eval_every == 0 or done == max_steps) and forget_acc(p, bs) >= target:
             return done
@@ -612,11 +620,11 @@ def _key_seed(key: jax.Array) -> int:
 
 
 def forgetting_metrics(
-    model: nn.Module,
+    model: Any,
     params: PyTree,
     batch_stats: PyTree,
     *,
-    dataset: str,
+    dataset: str | None = None,
     train: data.Split,
     test: data.Split,
     forget_classes: Sequence[int],
@@ -628,6 +636,7 @@ def forgetting_metrics(
     reference_predictions: Sequence[float] | None = None,
     include_relearn: bool = True,
     features_fn: FeaturesFn | None = None,
+    preprocess: Callable | None = None,
 ) -> dict:
     """All forgetting metrics of one model (base, unlearned, retrained or silenced control).
 
@@ -642,10 +651,11 @@ def forgetting_metrics(
       images per step if `RELEARN_MIXED`; target 50% forget test accuracy, lr 0.01.
 
     Args:
-      model: flax module (with `stages()`, or give `features_fn`).
+      model: flax module or adapter (`tdu_jax.adapters`); plain-function models give
+        `features_fn` for the probe (see `penultimate_features`).
       params: parameters.
-      batch_stats: BatchNorm statistics, or {}.
-      dataset: dataset name.
+      batch_stats: BatchNorm statistics (an adapter's state), or {}.
+      dataset: dataset name (normalisation of uint8 images), or None with `preprocess`.
       train: the full training split.
       test: the full test split.
       forget_classes: label indices of the forget set.
@@ -656,7 +666,8 @@ def forgetting_metrics(
       relearn_max_steps: relearning cap (`relearn_steps` returns this + 1 when not reached).
       reference_predictions: another model's `forget_predictions` histogram, for the JS.
       include_relearn: compute `relearn_steps` (the slowest metric).
-      features_fn: for models without stages, see `penultimate_features`.
+      features_fn: the output layer's input, see `penultimate_features`.
+      preprocess: instead of `dataset`, images -> model inputs (None: images are inputs).
 
     Returns:
       {"mia_svc", "mia_entropy", "mia_loss_auc", "probe_recovery": float %,
@@ -668,7 +679,7 @@ def forgetting_metrics(
        "forget_prediction_js": float bits (if reference_predictions is given)}.
     """
     forget_classes = tuple(int(c) for c in forget_classes)
-    num_classes = data.num_classes(dataset)
+    preprocess = adapters.preprocess_fn(dataset, preprocess)
     forget_train, retain_train = data.forget_retain(train, forget_classes)
     forget_test, retain_test = data.forget_retain(test, forget_classes)
     k_members, k_nonmembers, k_attack, k_probe, k_relearn_sample, k_relearn = jax.random.split(
@@ -688,9 +699,8 @@ def forgetting_metrics(
 
     # Logits once per split, all in one call: fixed 1000-image batches, so one trace per model.
     splits = (members, nonmembers, forget_train, forget_test)
-    z = metrics.logits(
-        model, params, batch_stats, np.concatenate([s.images for s in splits]), dataset=dataset
-    )
+    images = np.concatenate([s.images for s in splits])
+    z = metrics.logits(model, params, batch_stats, images, preprocess=preprocess)
     ends = np.cumsum([s.size for s in splits])[:-1]
     s_mem, s_non, s_ftr, s_fte = (
         softmax_stats(z_s, s.labels) for z_s, s in zip(np.split(z, ends), splits, strict=True)
@@ -715,8 +725,8 @@ def forgetting_metrics(
         params,
         batch_stats,
         np.concatenate([train.images[probe_index], forget_test.images]),
-        dataset=dataset,
         features_fn=features_fn,
+        preprocess=preprocess,
     )
     result["probe_recovery"] = probe_recovery(
         features[: probe_index.size],
@@ -738,13 +748,13 @@ def forgetting_metrics(
             batch_stats,
             sample,
             forget_test,
-            dataset=dataset,
             key=k_relearn,
+            preprocess=preprocess,
             retain_split=retain_train if RELEARN_MIXED else None,
             max_steps=relearn_max_steps,
         )
 
-    histogram = prediction_histogram(pred_fte, num_classes)
+    histogram = prediction_histogram(pred_fte, z.shape[-1])
     result["forget_predictions"] = [float(h) for h in histogram]
     if reference_predictions is not None:
         result["forget_prediction_js"] = js_divergence(histogram, reference_predictions)
