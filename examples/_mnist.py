@@ -70,8 +70,9 @@ def forget_digit(
     """Unlearns ``digit`` with ``config`` and prints forget/retain accuracy before and after.
 
     Returns:
-      ``{"before": {...}, "after": {...}, "seconds": float}``; accuracies in % on
-      ``eval_split`` (forget = the digit, retain = the other digits).
+      ``{"before": {...}, "after": {...}, "selected", "unlearned": (params, state),
+      "seconds": float}``; accuracies in % on ``eval_split`` (forget = the digit, retain =
+      the other digits).
     """
     forget, retain = data.forget_retain(train_split, [digit])
     start = time.perf_counter()
@@ -105,5 +106,6 @@ def forget_digit(
         "before": {k: before[k] for k in keys},
         "after": {k: after[k] for k in keys},
         "selected": np.asarray(result.selected),
+        "unlearned": (result.params, result.batch_stats),
         "seconds": seconds,
     }

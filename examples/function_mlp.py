@@ -31,14 +31,20 @@ def init(key: jax.Array, sizes: tuple[int, ...] = SIZES) -> dict:
     return {"params": params}
 
 
+def features_fn(params: dict, state: dict, images: jax.Array) -> jax.Array:
+    """The last hidden layer ``N x 64``: what the output layer reads (for the probe of
+    ``forgetting_metrics``, which cannot look inside a plain function)."""
+    x = images.reshape(images.shape[0], -1)
+    for name in sorted(params)[:-1]:
+        x = jax.nn.relu(x @ params[name]["kernel"] + params[name]["bias"])
+    return x
+
+
 def apply_fn(variables: dict, images: jax.Array) -> jax.Array:
     """logits ``N x 10`` of float images ``N x 28 x 28 x 1``."""
     params = variables["params"]
-    x = images.reshape(images.shape[0], -1)
-    names = sorted(params)
-    for name in names[:-1]:
-        x = jax.nn.relu(x @ params[name]["kernel"] + params[name]["bias"])
-    return x @ params[names[-1]]["kernel"] + params[names[-1]]["bias"]
+    last = params[sorted(params)[-1]]
+    return features_fn(params, {}, images) @ last["kernel"] + last["bias"]
 
 
 def run(
