@@ -62,7 +62,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
         dataset="mnist", importance_fraction=0.5, retain_sample_size=50, seed=1,
     )  # fmt: skip
     assert record["calibration"]["tried"], "the check through fine-tuning ran"
-    for key in ("class_output_units", "spared", "only_class_outputs"):  # the library's own
+    for key in ("class_output_units", "spared", "only_class_outputs", "dt_margin"):  # its own
         out.calibration.pop(key)
     assert _no_seconds(out.calibration) == _no_seconds(record["calibration"])
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
@@ -162,6 +162,18 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
     by_hand = jax.tree.map(lambda p, m: np.where(m, p * factor, p), params, mask)
     chex.assert_trees_all_close(out.unlearned.params, by_hand, rtol=1e-6, atol=1e-7)
 
+    # A margin: the same choice, run with twice its Δt (the decay factor squared).
+    harder = tdu.forget(model, params, state, train=train_split, forget_classes=(7,),
+                        key=jax.random.key(4), config=config, retain_sample_size=200,
+                        spare_class_outputs=True, preprocess=_float_images,
+                        sweep=tdu.SweepConfig(dt_margin=2.0))  # fmt: skip
+    assert harder.calibration["chosen"] == out.calibration["chosen"]
+    assert harder.calibration["dt_margin"] == 2.0 and out.calibration["dt_margin"] == 1.0
+    assert harder.config.dt == 2 * point["dt"]
+    np.testing.assert_array_equal(harder.unlearned.selected, out.unlearned.selected)
+    by_hand = jax.tree.map(lambda p, m: np.where(m, p * factor**2, p), params, mask)
+    chex.assert_trees_all_close(harder.unlearned.params, by_hand, rtol=1e-6, atol=1e-7)
+
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -172,6 +184,7 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
         ({"sweep": tdu.SweepConfig(forget_max=150.0)}, "sweep.forget_max"),
         ({"sweep": tdu.SweepConfig(dts=(0.5, 0.0))}, "sweep.dts"),
         ({"sweep": tdu.SweepConfig(retain_sample=-1)}, "sweep.retain_sample"),
+        ({"sweep": tdu.SweepConfig(dt_margin=0.5)}, "sweep.dt_margin"),
         ({"importance_fraction": 0.0}, "importance_fraction"),
         ({"config": tdu.DECAY_ONLY._replace(finetune="sometimes")}, "finetune"),
     ],
