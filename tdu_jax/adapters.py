@@ -437,8 +437,8 @@ def head_input(model: Any, params: PyTree, state: PyTree, inputs: jax.Array) -> 
     head's output, or ends in another layer, is refused). Traceable: jit it.
 
     Args:
-      model: a Linen module, ``LinenModel`` or ``NNXModel`` (plain functions cannot be
-        looked into: give their features yourself).
+      model: a Linen module, ``LinenModel`` or ``NNXModel``; anything else (a plain
+        function) cannot be looked into and raises ValueError: give its features yourself.
       params, state: the model's variables.
       inputs: a batch of model inputs (B, ...).
 
@@ -466,9 +466,9 @@ def head_input(model: Any, params: PyTree, state: PyTree, inputs: jax.Array) -> 
         with _recording_calls((nnx.Linear, nnx.Conv), record):
             logits = module(inputs)
     else:
-        raise TypeError(
-            f"cannot find the output layer's input of a {type(adapted).__name__}; pass "
-            "features_fn(params, state, inputs) -> (N, D) giving it"
+        raise ValueError(
+            f"{type(adapted).__name__} cannot be looked into; pass features_fn(params, state, "
+            "inputs) -> (N, D) giving the input of its output layer"
         )
     if not calls or calls[-1][1].shape != logits.shape:
         found = calls[-1][1].shape if calls else "no Dense/Conv call"

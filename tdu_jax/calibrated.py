@@ -324,8 +324,7 @@ def forget(
     calibration.update(class_output_units=outputs.tolist(), spared=spare_class_outputs,
                        dt_margin=sweep.dt_margin)  # fmt: skip
     chosen = config._replace(**calibration["chosen"])
-    if sweep.dt_margin != 1:
-        chosen = chosen._replace(dt=chosen.dt * sweep.dt_margin)
+    chosen = chosen._replace(dt=chosen.dt * sweep.dt_margin)
     if test is None:
         chosen = chosen._replace(evaluate_each_step=False)
     result = unlearn.unlearn(

@@ -238,13 +238,6 @@ def penultimate_features(
     Returns:
       float32 (N, D) features.
     """
-    if features_fn is None and not hasattr(model, "stages"):
-        kind = adapters.as_model(model)
-        if not isinstance(kind, adapters.LinenModel | adapters.NNXModel):
-            raise ValueError(
-                f"{type(kind).__name__} cannot be looked into; pass features_fn(params, state, "
-                "inputs) -> (N, D) giving the input of its output layer."
-            )
     fn = _features_fn(model, adapters.preprocess_fn(dataset, preprocess), features_fn)
     return metrics._batched(functools.partial(fn, params, batch_stats), [images_uint8], batch_size)
 
