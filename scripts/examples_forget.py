@@ -77,7 +77,8 @@ def variants(model, params, state, train, evaluation, digit, config, seed,
                            forget_classes=(digit,), preprocess=_mnist.preprocess)  # fmt: skip
         out[name] = {
             **{k: acc[k] for k in ("forget_acc", "retain_acc", "test_acc")},
-            **res.calibration["chosen"], "units": int(res.unlearned.selected.size),
+            **res.calibration["chosen"], "dt_margin": res.calibration["dt_margin"],
+            "units": int(res.unlearned.selected.size),
             "layers": layers_of(res.unlearned.spec, res.unlearned.selected),
             "only_class_outputs": res.calibration["only_class_outputs"],
             "chosen_point": res.calibration["chosen_point"],

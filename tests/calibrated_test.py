@@ -54,7 +54,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
     sweep = tdu.SweepConfig(
         top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps, forget_sample=cfg.sweep_forget_sample,
-        retain_sample=cfg.sweep_retain_sample,
+        retain_sample=cfg.sweep_retain_sample, dt_margin=1.0,  # the tables run the point itself
     )  # fmt: skip
     out = tdu.forget(
         model, params, bs, train=train_split, forget_classes=[3], key=common.run_key(cfg),
@@ -173,6 +173,14 @@ def test_forget_sizes_the_decay_of_a_function_model_as_the_rule_says(mlp):
     np.testing.assert_array_equal(harder.unlearned.selected, out.unlearned.selected)
     by_hand = jax.tree.map(lambda p, m: np.where(m, p * factor**2, p), params, mask)
     chex.assert_trees_all_close(harder.unlearned.params, by_hand, rtol=1e-6, atol=1e-7)
+
+
+def test_the_dt_margin_defaults_by_fine_tuning_and_an_explicit_one_wins():
+    finetuned = tdu.DECAY_ONLY._replace(finetune="after_all")
+    assert calibrated.dt_margin(tdu.SweepConfig(), finetuned) == 4.0
+    assert calibrated.dt_margin(tdu.SweepConfig(), tdu.DECAY_ONLY) == 1.0
+    assert calibrated.dt_margin(tdu.SweepConfig(dt_margin=1.0), finetuned) == 1.0
+    assert calibrated.dt_margin(tdu.SweepConfig(dt_margin=3.0), tdu.DECAY_ONLY) == 3.0
 
 
 @pytest.mark.parametrize(
