@@ -17,8 +17,10 @@ and records around the same steps (``experiments/common.run_one``).
 Defaults (``DECAY_ONLY``, ``SweepConfig``) are LeNet/MNIST's measured choices (BUILD_NOTES):
 without fine-tuning the ratio score (forget loss increase per retain loss increase, on
 ``retain_sample_size`` retain images) on a per-layer top-K budget, under a 0.5% forget-train
-ceiling; with fine-tuning a 1% ceiling, checked through the run's own fine-tuning. K is a grid
-of fractions of the units, so it fits any model's size.
+ceiling; with fine-tuning a 1% ceiling, checked through the run's own fine-tuning, and the
+run decays with the chosen Δt × 4 (``SweepConfig.dt_margin``; on the examples' models this
+brought relearning nearer a retrained model's for a quarter of a retain point or less). K is a
+grid of fractions of the units, so it fits any model's size.
 
 The sweep's rule sees accuracies only. Where the forget classes' own output units are
 candidates (their row of the head; the tables keep them), a decay-only sweep over few, coarse
