@@ -84,18 +84,21 @@ class ForgetResult(NamedTuple):
     config: unlearn.UnlearnConfig  # the run's config: ``top_k``/``dt`` as chosen
 
 
+def _by_finetuning(given, config: unlearn.UnlearnConfig, decay_only: float, finetune: float):
+    """``given`` if set, else the default for a run without or with fine-tuning."""
+    if given is not None:
+        return given
+    return decay_only if config.finetune == "none" else finetune
+
+
 def forget_max(sweep: SweepConfig, config: unlearn.UnlearnConfig) -> float:
     """The sweep's forget-train ceiling in % (``sweep.forget_max``, else by fine-tuning)."""
-    if sweep.forget_max is not None:
-        return sweep.forget_max
-    return FORGET_MAX_DECAY_ONLY if config.finetune == "none" else FORGET_MAX_FINETUNE
+    return _by_finetuning(sweep.forget_max, config, FORGET_MAX_DECAY_ONLY, FORGET_MAX_FINETUNE)
 
 
 def dt_margin(sweep: SweepConfig, config: unlearn.UnlearnConfig) -> float:
     """The run's Δt over the chosen Δt (``sweep.dt_margin``, else by fine-tuning)."""
-    if sweep.dt_margin is not None:
-        return sweep.dt_margin
-    return DT_MARGIN_DECAY_ONLY if config.finetune == "none" else DT_MARGIN_FINETUNE
+    return _by_finetuning(sweep.dt_margin, config, DT_MARGIN_DECAY_ONLY, DT_MARGIN_FINETUNE)
 
 
 def check_sweep_config(sweep: SweepConfig) -> None:
