@@ -190,6 +190,9 @@ def define_flags(**defaults) -> None:
                       "With --calibrate on a row that fine-tunes: keep the least damaging "
                       "sweep point whose forget-train accuracy stays under --sweep_forget_max "
                       "after the row's own fine-tuning (bisection; a few runs of the row).")
+    flags.DEFINE_float("sweep_dt_margin", d("sweep_dt_margin"),
+                       "With --calibrate: the run decays with the chosen dt times this (>= 1; "
+                       "tdu_jax.SweepConfig.dt_margin), checks included at the chosen dt.")
     flags.DEFINE_bool("compare_retrain", d("compare_retrain"),
                       "Also train/reuse the model retrained without the forget classes and "
                       "report MIAs, probe recovery, relearn steps and the gap to it.")
@@ -304,6 +307,11 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ValueError(f"--sweep_dt values must be > 0; got {dt}")
     if cfg.sweep_search_steps < 0:
         raise ValueError(f"--sweep_search_steps must be >= 0; got {cfg.sweep_search_steps}")
+    if not cfg.sweep_dt_margin >= 1:
+        raise ValueError(f"--sweep_dt_margin must be >= 1; got {cfg.sweep_dt_margin}")
+    if cfg.sweep_dt_margin != 1 and not cfg.calibrate:
+        raise ValueError("--sweep_dt_margin applies to the calibrated dt: pass --calibrate, "
+                         "or scale --dt yourself")
     for name in ("sweep_forget_sample", "sweep_retain_sample"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: all images); got {getattr(cfg, name)}")
@@ -949,8 +957,10 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
         calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
                                           calibration, precomputed)  # fmt: skip
-    if calibration is not None:
+    if calibration is not None:  # the chosen point, decayed with dt x --sweep_dt_margin
+        calibration = {**calibration, "dt_margin": cfg.sweep_dt_margin}
         cfg = dataclasses.replace(cfg, **calibration["chosen"])
+        cfg = dataclasses.replace(cfg, dt=cfg.dt * cfg.sweep_dt_margin)
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 

@@ -77,7 +77,7 @@ def method_configs(cfg: ExperimentConfig, retain_size: int) -> dict:
             sweep_top_k=cfg.sweep_top_k, sweep_dt=cfg.sweep_dt,
             sweep_forget_max=cfg.sweep_forget_max, sweep_search_steps=cfg.sweep_search_steps,
             sweep_retain_size=cfg.sweep_retain_sample, sweep_forget_size=cfg.sweep_forget_sample,
-            calibrate_finetune=cfg.calibrate_finetune),
+            calibrate_finetune=cfg.calibrate_finetune, dt_margin=cfg.sweep_dt_margin),
         "ft": finetune.FTConfig(batch_size=batch, augment=aug),
         "ga": finetune.GAConfig(batch_size=batch, augment=aug),
         "neggrad_plus": finetune.NegGradPlusConfig(batch_size=batch, augment=aug),
@@ -306,10 +306,13 @@ def check_cell_settings(saved: dict, cfg: ExperimentConfig, mcfg, folder: pathli
 
     The run's config is compared as ``reproduce`` compares results (``common.resume_key``:
     locations left out, a setting at its generic default counts as absent); the method's
-    config (its tuned knob included) must be the same, field by field.
+    config (its tuned knob included) must be the same, field by field, a field added since
+    the cell ran counting as its default.
     """
     want = result_files.to_jsonable(mcfg._asdict())
-    got = saved.get("method_config") or {}
+    # A field the saved cell lacks was added later: the cell ran at that field's default.
+    defaults = result_files.to_jsonable(mcfg._field_defaults)
+    got = {**{k: v for k, v in defaults.items() if k in want}, **(saved.get("method_config") or {})}
     changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if common.resume_key(saved.get("config") or {}) != common.resume_key(common._public(cfg)):
         was, now = saved.get("config") or {}, common._public(cfg)

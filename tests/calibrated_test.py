@@ -31,9 +31,11 @@ def _no_seconds(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "confirm_seconds")}
 
 
-def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
+@pytest.mark.parametrize("margin", [1.0, 4.0])
+def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin):
     # The experiments' path (importance through its cache, its sweep, the check through
-    # fine-tuning, the run) and the library's one call must choose and end the same.
+    # fine-tuning, the run) and the library's one call must choose and end the same, with
+    # the run's dt the chosen one times the margin (--sweep_dt_margin, SweepConfig.dt_margin).
     model, params, bs, train_split, test_split = lenet
     cfg = ExperimentConfig(
         dataset="mnist", model="lenet", seed=1, train_epochs=1, train_optimizer="adam",
@@ -43,7 +45,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
         finetune_lr=0.01, batch_size=32, importance_score="ratio", retain_sample_size=50,
         importance_fraction=0.5, calibrate=True, sweep_top_k=(5, 20, 0.25),
         sweep_dt=(0.5, 2.0), sweep_forget_max=5.0, sweep_search_steps=2,
-        sweep_retain_sample=300, unit_chunk=64, sample_batch=64,
+        sweep_retain_sample=300, unit_chunk=64, sample_batch=64, sweep_dt_margin=margin,
     )  # fmt: skip
     base = {}
     base["acc"], base["per_class"] = common.accuracies(model, params, bs, cfg, train_split,
@@ -54,7 +56,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
     sweep = tdu.SweepConfig(
         top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps, forget_sample=cfg.sweep_forget_sample,
-        retain_sample=cfg.sweep_retain_sample, dt_margin=1.0,  # the tables run the point itself
+        retain_sample=cfg.sweep_retain_sample, dt_margin=margin,
     )  # fmt: skip
     out = tdu.forget(
         model, params, bs, train=train_split, forget_classes=[3], key=common.run_key(cfg),
@@ -62,9 +64,13 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path):
         dataset="mnist", importance_fraction=0.5, retain_sample_size=50, seed=1,
     )  # fmt: skip
     assert record["calibration"]["tried"], "the check through fine-tuning ran"
-    for key in ("class_output_units", "spared", "only_class_outputs", "dt_margin"):  # its own
+    for key in ("class_output_units", "spared", "only_class_outputs"):  # its own
         out.calibration.pop(key)
     assert _no_seconds(out.calibration) == _no_seconds(record["calibration"])
+    assert record["calibration"]["dt_margin"] == margin
+    chosen = record["calibration"]["chosen"]
+    assert (record["config"]["top_k"], record["config"]["dt"]) == (chosen["top_k"],
+                                                                   chosen["dt"] * margin)
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
     final, _ = common.accuracies(model, out.unlearned.params, out.unlearned.batch_stats, cfg,
                                  train_split, test_split)  # fmt: skip

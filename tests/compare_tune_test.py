@@ -243,3 +243,12 @@ def test_a_finished_cell_is_reused_only_with_the_same_settings(tmp_path):
                                     configs["ft"], tmp_path)  # fmt: skip
     with pytest.raises(ValueError, match=r"other settings \(epochs\).*another --workdir"):
         compare.check_cell_settings(saved, cfg, configs["ft"]._replace(epochs=3), tmp_path)
+    # A decay cell saved before its config had dt_margin ran at the default (1): reused at 1,
+    # refused at another margin.
+    old = result_files.to_jsonable(configs["decay"]._asdict())
+    assert old.pop("dt_margin") == 1.0
+    saved_decay = {"config": common._public(cfg), "method_config": old}
+    compare.check_cell_settings(saved_decay, cfg, configs["decay"], tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(dt_margin\)"):
+        compare.check_cell_settings(saved_decay, cfg, configs["decay"]._replace(dt_margin=4.0),
+                                    tmp_path)  # fmt: skip

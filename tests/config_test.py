@@ -9,7 +9,7 @@ of ``mnist_lenet --max_train_examples=512 --max_test_examples=200 --train_epochs
 Later settings (``sweep_search_steps``, the wider LeNet K grid of the fourth session, the
 sweep sample sizes and fine-tune schedule of the sixth, the top-K budget of the eighth, the
 base recipe's Nesterov, weight-decay mask, ResNet padding and validation hold-out of the
-twelfth) were
+twelfth, the dt margin of the twenty-second) were
 added to them by hand: they change the record's hash, but not the base-model or
 retrained-model keys, which are pinned unchanged; a new setting at its default does not
 change the resume key (``common.resume_key``), so results recorded before it existed still
@@ -44,7 +44,8 @@ LENET_RECORD = {
     "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
     "run_name": None,
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_forget_max": 1.0, "sweep_forget_sample": 0,
+    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_dt_margin": 1.0, "sweep_forget_max": 1.0,
+    "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "per_layer",
     "train_batch_size": 128, "train_decay_norm_bias": True,
@@ -71,7 +72,8 @@ CIFAR_RECORD = {
     "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
     "run_name": None,
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_forget_max": 5.0, "sweep_forget_sample": 0,
+    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_dt_margin": 1.0, "sweep_forget_max": 5.0,
+    "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "topk_budget": "global",
     "train_batch_size": 128, "train_decay_norm_bias": True,
@@ -81,11 +83,11 @@ CIFAR_RECORD = {
     "unit_chunk": 32, "validation_examples": 0, "width": 1.0, "workdir": "/tmp/tc_ref", "lam": 0.1,
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
-# Settings added after results were recorded, here at their defaults (sixth, eighth and
-# twelfth sessions).
+# Settings added after results were recorded, here at their defaults (sixth, eighth,
+# twelfth and twenty-second sessions).
 NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule",
                   "topk_budget", "train_nesterov", "train_decay_norm_bias",
-                  "resnet_padding", "validation_examples")  # fmt: skip
+                  "resnet_padding", "validation_examples", "sweep_dt_margin")  # fmt: skip
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -122,9 +124,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("4d111691a531cc32", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("e5fa7b48732e9dc0", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("e91ab3d6f9be25a6", "67a34703f4e413dd",
+         ("03704839c58750d0", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -196,6 +198,8 @@ def test_validate_config_normalises_and_names_the_flag(tmp_path):
         ({"top_k": 10**7}, "--top_k must be a count in 1..61706"),
         ({"sweep_dt": (0.5, 0.0)}, "--sweep_dt"),
         ({"sweep_search_steps": -1}, "--sweep_search_steps"),
+        ({"sweep_dt_margin": 0.5}, "--sweep_dt_margin must be >= 1"),
+        ({"sweep_dt_margin": 4.0, "calibrate": False}, "--sweep_dt_margin applies to the"),
         ({"lam": -1.0}, "--lambda"),
         ({"train_lr": 0.0}, "--train_lr"),
         ({"model": "vgg"}, "--model"),

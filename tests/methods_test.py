@@ -508,3 +508,30 @@ def test_decay_calibration_is_confirmed_through_its_own_fine_tuning(toy):
     assert "tried" not in plain.info["calibration"]
     rule = calibrate.choose(plain.info["calibration"]["points"], 50.0)
     assert plain.info["calibration"]["chosen"] == {"top_k": rule["top_k"], "dt": rule["dt"]}
+
+
+def test_decay_dt_margin_runs_the_chosen_point_with_a_longer_dt(toy):
+    # Decay-only: the calibration chooses the same point at any margin, and the run decays
+    # each selected weight by exp(-lam dt m T) = exp(-lam dt T)^m (hand-computed), so with
+    # m = 2 every decayed weight's factor is the square of its factor at m = 1.
+    model, params, batch_stats, data_in = toy
+    ucfg = unlearn.UnlearnConfig(top_k=1, lam=0.5, dt=1.0, decay_steps=2,
+                                 evaluate_each_step=False)  # fmt: skip
+    config = M.DecayConfig(unlearn=ucfg, calibrate=True, sweep_top_k=(5, 50, 500),
+                           sweep_dt=(0.5, 4.0), sweep_forget_max=50.0)  # fmt: skip
+    runs = {m: M.run_method("decay", model, params, batch_stats, data_in, jax.random.key(3),
+                            config._replace(dt_margin=m), dataset="mnist")
+            for m in (1.0, 2.0)}  # fmt: skip
+    calib = {m: r.info["calibration"] for m, r in runs.items()}
+    assert calib[1.0]["chosen"] == calib[2.0]["chosen"]
+    assert (calib[1.0]["dt_margin"], calib[2.0]["dt_margin"]) == (1.0, 2.0)
+    chosen = calib[1.0]["chosen"]
+    factor = np.exp(-0.5 * chosen["dt"] * 2)  # lam dt T at m = 1
+    before = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+    after = {m: np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.params)])
+             for m, r in runs.items()}  # fmt: skip
+    decayed = ~np.isclose(after[1.0], before, rtol=0, atol=0)
+    assert decayed.sum() == runs[1.0].info["decayed_units"] > 0  # weight units, none zero
+    np.testing.assert_allclose(after[1.0][decayed], before[decayed] * factor, rtol=1e-5)
+    np.testing.assert_allclose(after[2.0][decayed], before[decayed] * factor**2, rtol=1e-5)
+    np.testing.assert_array_equal(after[2.0][~decayed], before[~decayed])

@@ -45,6 +45,7 @@ class DecayConfig(NamedTuple):
     # With calibrate and fine-tuning: confirm the point through the run's own fine-tuning
     # (calibrate.confirm_after_finetune), so the class does not come back.
     calibrate_finetune: bool = True
+    dt_margin: float = 1.0  # with calibrate: the run's dt = the chosen dt x this (>= 1)
 
 
 class RetrainConfig(NamedTuple):
@@ -136,6 +137,8 @@ def decay(
                 forget_train=scored_forget, retain_train=scored,
             )  # fmt: skip
         ucfg = ucfg._replace(**sweep["chosen"])
+        ucfg = ucfg._replace(dt=ucfg.dt * config.dt_margin)
+        sweep = {**sweep, "dt_margin": config.dt_margin}
         phases["calibration"] = phase.seconds()
     result = unlearn.unlearn(
         model,
