@@ -959,8 +959,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
                                           calibration, precomputed)  # fmt: skip
     if calibration is not None:  # the chosen point, decayed with dt x --sweep_dt_margin
         calibration = {**calibration, "dt_margin": cfg.sweep_dt_margin}
-        cfg = dataclasses.replace(cfg, **calibration["chosen"])
-        cfg = dataclasses.replace(cfg, dt=cfg.dt * cfg.sweep_dt_margin)
+        cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration, cfg.sweep_dt_margin))
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 

@@ -312,7 +312,7 @@ def check_cell_settings(saved: dict, cfg: ExperimentConfig, mcfg, folder: pathli
     want = result_files.to_jsonable(mcfg._asdict())
     # A field the saved cell lacks was added later: the cell ran at that field's default.
     defaults = result_files.to_jsonable(mcfg._field_defaults)
-    got = {**{k: v for k, v in defaults.items() if k in want}, **(saved.get("method_config") or {})}
+    got = {**defaults, **(saved.get("method_config") or {})}
     changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if common.resume_key(saved.get("config") or {}) != common.resume_key(common._public(cfg)):
         was, now = saved.get("config") or {}, common._public(cfg)

@@ -70,6 +70,13 @@ def choose(points: Sequence[dict], forget_max: float) -> dict:
     return max(ties, key=lambda p: p["retain_train_acc"])
 
 
+def run_point(calibration: dict, dt_margin: float) -> dict:
+    """The {top_k, dt} a run decays with: the calibration's chosen point with its Δt times
+    ``dt_margin`` (>= 1; 1 runs the gentlest silencing point itself)."""
+    chosen = calibration["chosen"]
+    return {**chosen, "dt": chosen["dt"] * dt_margin}
+
+
 def sweep_decay(
     model: nn.Module,
     params: PyTree,

@@ -344,8 +344,7 @@ def forget(
     margin = dt_margin(sweep, config)
     calibration.update(class_output_units=outputs.tolist(), spared=spare_class_outputs,
                        dt_margin=margin)  # fmt: skip
-    chosen = config._replace(**calibration["chosen"])
-    chosen = chosen._replace(dt=chosen.dt * margin)
+    chosen = config._replace(**calibrate.run_point(calibration, margin))
     if test is None:
         chosen = chosen._replace(evaluate_each_step=False)
     result = unlearn.unlearn(

@@ -136,9 +136,8 @@ def decay(
                 model, sweep=sweep, run=run, dataset=dataset,
                 forget_train=scored_forget, retain_train=scored,
             )  # fmt: skip
-        ucfg = ucfg._replace(**sweep["chosen"])
-        ucfg = ucfg._replace(dt=ucfg.dt * config.dt_margin)
         sweep = {**sweep, "dt_margin": config.dt_margin}
+        ucfg = ucfg._replace(**calibrate.run_point(sweep, config.dt_margin))
         phases["calibration"] = phase.seconds()
     result = unlearn.unlearn(
         model,
