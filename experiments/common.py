@@ -193,6 +193,10 @@ def define_flags(**defaults) -> None:
     flags.DEFINE_float("sweep_dt_margin", d("sweep_dt_margin"),
                        "With --calibrate: the run decays with the chosen dt times this (>= 1; "
                        "tdu_jax.SweepConfig.dt_margin), checks included at the chosen dt.")
+    flags.DEFINE_float("sweep_dt_guard", d("sweep_dt_guard"),
+                       "With --sweep_dt_margin > 1: try the margins m, m/2, ... (> 1) through the "
+                       "row's run and keep the first that costs at most this many retain-train "
+                       "points against margin 1, else 1 (tdu_jax.SweepConfig.margin_guard).")
     flags.DEFINE_bool("compare_retrain", d("compare_retrain"),
                       "Also train/reuse the model retrained without the forget classes and "
                       "report MIAs, probe recovery, relearn steps and the gap to it.")
@@ -312,6 +316,13 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.sweep_dt_margin != 1 and not cfg.calibrate:
         raise ValueError("--sweep_dt_margin applies to the calibrated dt: pass --calibrate, "
                          "or scale --dt yourself")
+    if cfg.sweep_dt_guard is not None:
+        if not cfg.sweep_dt_guard >= 0:
+            raise ValueError(f"--sweep_dt_guard must be >= 0 (retain-train points); "
+                             f"got {cfg.sweep_dt_guard}")  # fmt: skip
+        if not cfg.sweep_dt_margin > 1:
+            raise ValueError("--sweep_dt_guard checks the margins of --sweep_dt_margin: pass "
+                             "--sweep_dt_margin > 1 (e.g. 4) with it")  # fmt: skip
     for name in ("sweep_forget_sample", "sweep_retain_sample"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: all images); got {getattr(cfg, name)}")
@@ -812,6 +823,31 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     if (sweep["lambda"], sweep["decay_steps"]) != (cfg.lam, cfg.decay_steps):
         spec = unit_spec(cfg, params)
         sweep = calibrate_decay(cfg, model, params, batch_stats, train_split, precomputed, spec)
+    start = time.perf_counter()
+    after = scores_after_row(cfg, model, params, batch_stats, train_split, precomputed)
+    confirmed = calibrate.choose_after_finetune(sweep, after)
+    confirmed["confirm_seconds"] = time.perf_counter() - start  # part of the unlearning cost
+    logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
+                 confirmed["chosen_point"])  # fmt: skip
+    return confirmed
+
+
+def guard_calibration(cfg, model, params, batch_stats, train_split, calibration, precomputed):
+    """``calibration`` with the margin of --sweep_dt_margin checked by --sweep_dt_guard
+    through cfg's own run (``calibrate.guard_margin``); its seconds join ``confirm_seconds``."""
+    start = time.perf_counter()
+    after = scores_after_row(cfg, model, params, batch_stats, train_split, precomputed)
+    guarded = calibrate.guard_margin(calibration, after, cfg.sweep_dt_margin, cfg.sweep_dt_guard)
+    guarded["confirm_seconds"] = (calibration.get("confirm_seconds", 0.0)
+                                  + time.perf_counter() - start)  # fmt: skip
+    logging.info("Calibration's margin guard kept dt x %s (%s)", guarded["dt_margin"],
+                 guarded["margin_checks"])  # fmt: skip
+    return guarded
+
+
+def scores_after_row(cfg, model, params, batch_stats, train_split, precomputed):
+    """point {"top_k", "dt"} -> forget- and retain-train accuracy (%) on the sweep's samples
+    after cfg's own decay and fine-tuning with that point (``calibrate.scores_after_run``)."""
     forget, retain = data.forget_retain(train_split, cfg.forget_class)
     sample = importance_sample(cfg, train_split)
     extra = scored_retain_sample(cfg, train_split)
@@ -823,19 +859,12 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     )  # fmt: skip
 
     def run(top_k, dt):
-        logging.info("Calibration: checking K=%s dt=%s through the row's fine-tuning", top_k, dt)
+        logging.info("Calibration: checking K=%s dt=%s through the row's run", top_k, dt)
         return check(top_k, dt)
 
-    start = time.perf_counter()
     scored_forget, scored_retain = sweep_samples(cfg, train_split)
-    confirmed = calibrate.confirm_after_finetune(
-        model, sweep=sweep, run=run, dataset=cfg.dataset, forget_train=scored_forget,
-        retain_train=scored_retain,
-    )  # fmt: skip
-    confirmed["confirm_seconds"] = time.perf_counter() - start  # part of the unlearning cost
-    logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
-                 confirmed["chosen_point"])  # fmt: skip
-    return confirmed
+    return calibrate.scores_after_run(model, run, dataset=cfg.dataset,
+                                      forget_train=scored_forget, retain_train=scored_retain)
 
 
 def run_key(cfg: ExperimentConfig) -> jax.Array:
@@ -957,9 +986,14 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
         calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
                                           calibration, precomputed)  # fmt: skip
-    if calibration is not None:  # the chosen point, decayed with dt x --sweep_dt_margin
+    if calibration is not None and cfg.sweep_dt_guard is not None:
+        calibration = guard_calibration(cfg, model, params, batch_stats, train_split,
+                                        calibration, precomputed)  # fmt: skip
+    elif calibration is not None:
         calibration = {**calibration, "dt_margin": cfg.sweep_dt_margin}
-        cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration, cfg.sweep_dt_margin))
+    if calibration is not None:  # the chosen point, decayed with dt x the margin
+        cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration,
+                                                             calibration["dt_margin"]))
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 

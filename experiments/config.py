@@ -86,6 +86,8 @@ class ExperimentConfig:
     sweep_retain_sample: int = 10000  # retain-train images scored per sweep point; 0: all
     calibrate_finetune: bool = True  # confirm through the row's own fine-tuning
     sweep_dt_margin: float = 1.0  # the run's dt = the calibration's chosen dt x this (>= 1)
+    # Retain-train points a margin may cost (calibrate.guard_margin); None: the margin unchecked.
+    sweep_dt_guard: float | None = None
     # Reporting.
     evaluate_each_step: bool = True  # evaluate on test after every decay step
     compare_retrain: bool = False  # also compare with the retrained gold standard

@@ -39,6 +39,17 @@ itself:
 The search bisects that order (forget accuracy after fine-tuning falls as the damage grows),
 so it costs at most 1 + ceil(log2(candidates)) runs of the row (decay plus its fine-tuning),
 and one fewer whenever a point gentler than the most damaging one holds.
+
+A run may decay harder than the chosen point, with its Δt times a margin (``run_point``): that
+brings relearning nearer a retrained model's, but where the chosen K is large it costs retain
+accuracy fine-tuning does not give back. ``guard_margin`` checks the margins through the run:
+
+    try the margins m, m/2, m/4, ... (> 1) in that order and keep the first whose run leaves
+    retain-train accuracy >= the chosen point's (margin 1) - ``tolerance`` points and
+    forget-train accuracy <= max(``forget_max``, the chosen point's); else margin 1.
+
+It costs one run of the row per margin tried (and one for margin 1 unless the fine-tune check
+above already ran it).
 """
 
 import functools
@@ -298,25 +309,83 @@ def choose_after_finetune(sweep: dict, after: Callable[[dict], dict]) -> dict:
     }  # fmt: skip
 
 
-def confirm_after_finetune(
+def scores_after_run(
     model: nn.Module,
-    *,
-    sweep: dict,
     run: RunFn,
+    *,
     dataset: str | None = None,
     forget_train: data.Split,
     retain_train: data.Split,
     preprocess: Callable | None = None,
-) -> dict:
-    """``choose_after_finetune`` with ``run`` (top_k, dt) -> (params, batch_stats) after the
-    run's decay and fine-tuning, scored on the sweep's training samples."""
+) -> Callable[[dict], dict]:
+    """point {"top_k", "dt"} -> ``train_accuracies`` after ``run`` (top_k, dt) ->
+    (params, batch_stats), the run's decay and fine-tuning, on the sweep's training samples."""
 
     def after(point: dict) -> dict:
         params, batch_stats = run(point["top_k"], point["dt"])
         return train_accuracies(model, params, batch_stats, forget_train, retain_train,
                                 dataset=dataset, preprocess=preprocess)  # fmt: skip
 
-    return choose_after_finetune(sweep, after)
+    return after
+
+
+def confirm_after_finetune(model: nn.Module, *, sweep: dict, run: RunFn, **samples) -> dict:
+    """``choose_after_finetune`` through ``run``, scored on the sweep's training samples
+    (``samples``: ``scores_after_run``'s keyword arguments)."""
+    return choose_after_finetune(sweep, scores_after_run(model, run, **samples))
+
+
+def guard_margins(margin: float) -> list[float]:
+    """The margins the guard tries, largest first: ``margin``, halved while > 1 (4 -> [4, 2];
+    1 -> [])."""
+    if not margin >= 1:
+        raise ValueError(f"dt_margin must be >= 1; got {margin}")
+    margins = []
+    while margin > 1:
+        margins.append(margin)
+        margin /= 2
+    return margins
+
+
+def guard_margin(
+    calibration: dict, after: Callable[[dict], dict], margin: float, tolerance: float
+) -> dict:
+    """The module docstring's margin guard over ``calibration``'s chosen point.
+
+    Args:
+      calibration: ``sweep_decay``'s or ``choose_after_finetune``'s output; its
+        ``chosen_point``'s ``*_after`` accuracies (when present) are margin 1's.
+      after: point {"top_k", "dt"} -> {"forget_train_acc", "retain_train_acc"} (%) after the
+        run's decay (and fine-tuning) with that point; called once per margin tried.
+      margin: the largest margin (>= 1) to try.
+      tolerance: retain-train points (>= 0) a margin may cost against margin 1.
+
+    Returns:
+      ``calibration`` with ``dt_margin`` (the margin kept), ``margin_guard`` (``tolerance``)
+      and ``margin_checks`` ([{"dt_margin", "forget_train_acc", "retain_train_acc", "kept"}],
+      margin 1 first).
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"the margin guard's tolerance must be >= 0 points; got {tolerance}")
+    margins = guard_margins(margin)
+    point = calibration["chosen_point"]
+    if "retain_train_acc_after" in point:
+        at_one = {k: point[f"{k}_after"] for k in ("forget_train_acc", "retain_train_acc")}
+    else:
+        at_one = after(run_point(calibration, 1.0)) if margins else {}
+    checks = [{"dt_margin": 1.0, **at_one, "kept": False}]
+    kept = 1.0
+    for m in margins:
+        accs = after(run_point(calibration, m))
+        holds = (accs["retain_train_acc"] >= at_one["retain_train_acc"] - tolerance
+                 and accs["forget_train_acc"] <= max(calibration["forget_max"],
+                                                      at_one["forget_train_acc"]))  # fmt: skip
+        checks.append({"dt_margin": m, **accs, "kept": holds})
+        if holds:
+            kept = m
+            break
+    checks[0]["kept"] = kept == 1.0
+    return {**calibration, "dt_margin": kept, "margin_guard": tolerance, "margin_checks": checks}
 
 
 def subsample(split: data.Split, size: int, seed: int) -> data.Split:

@@ -65,6 +65,10 @@ class SweepConfig(NamedTuple):
     fine-tuning, 1.0 with); sample sizes in images (0: every image). ``dt_margin`` >= 1
     multiplies the chosen Δt for the run (None: ``DT_MARGIN_FINETUNE`` with fine-tuning,
     ``DT_MARGIN_DECAY_ONLY`` without); 1 runs the rule's gentlest silencing point itself.
+    ``margin_guard`` (points, >= 0) checks the margins ``dt_margin``, halved while > 1, through
+    the run on the sweep's samples and keeps the first that costs at most that much
+    retain-train accuracy against margin 1 (``calibrate.guard_margin``; one run per margin
+    tried); None decays with ``dt_margin`` unchecked.
     """
 
     top_ks: tuple[int | float, ...] = (0.005, 0.015, 0.05, 0.15, 0.5)
@@ -75,6 +79,7 @@ class SweepConfig(NamedTuple):
     retain_sample: int = 10_000  # retain-train images scored where the rule needs them
     confirm_finetune: bool = True  # with fine-tuning: check the points through it
     dt_margin: float | None = None  # the run's Δt = the chosen Δt x this
+    margin_guard: float | None = None  # retain-train points a margin may cost; None: no guard
 
 
 DEFAULT_SWEEP = SweepConfig()
@@ -113,6 +118,9 @@ def check_sweep_config(sweep: SweepConfig) -> None:
         raise ValueError(f"sweep.forget_max must be in [0, 100] (%); got {sweep.forget_max}")
     if sweep.dt_margin is not None and not sweep.dt_margin >= 1:
         raise ValueError(f"sweep.dt_margin must be None or >= 1; got {sweep.dt_margin}")
+    if sweep.margin_guard is not None and not sweep.margin_guard >= 0:
+        raise ValueError(f"sweep.margin_guard must be None or >= 0 (retain-train points); "
+                         f"got {sweep.margin_guard}")  # fmt: skip
     for name in ("search_steps", "forget_sample", "retain_sample"):
         if getattr(sweep, name) < 0:
             raise ValueError(f"sweep.{name} must be >= 0; got {getattr(sweep, name)}")
@@ -255,8 +263,9 @@ def forget(
     Returns:
       ``ForgetResult``: the run, the calibration record (``chosen``, ``chosen_point``,
       ``points``, ``class_output_units``, ``spared``, ``only_class_outputs``, ``dt_margin``;
-      with fine-tuning also ``tried`` and ``confirmed``) and the config used (its ``dt`` is
-      the chosen Δt × the margin, ``calibration["dt_margin"]``).
+      with fine-tuning also ``tried`` and ``confirmed``; with ``sweep.margin_guard`` also
+      ``margin_guard`` and ``margin_checks``) and the config used (its ``dt`` is the chosen Δt
+      × the margin, ``calibration["dt_margin"]``).
 
     Raises:
       ValueError naming the argument, before any work, on a bad config or sweep, a forget
@@ -321,27 +330,16 @@ def forget(
         budget=config.topk_budget,
         **kw,
     )
+    run = finetune_check_run(model, params, batch_stats, data_in=data_in, config=config,
+                             key=key, precomputed=precomputed, loss_fn=loss_fn, **kw)  # fmt: skip
+    after = calibrate.scores_after_run(model, run, forget_train=forget_scored,
+                                       retain_train=retain_scored, **kw)  # fmt: skip
     if config.finetune != "none" and sweep.confirm_finetune:
-        run = finetune_check_run(
-            model,
-            params,
-            batch_stats,
-            data_in=data_in,
-            config=config,
-            key=key,
-            precomputed=precomputed,
-            loss_fn=loss_fn,
-            **kw,
-        )
-        calibration = calibrate.confirm_after_finetune(
-            model,
-            sweep=calibration,
-            run=run,
-            forget_train=forget_scored,
-            retain_train=retain_scored,
-            **kw,
-        )
+        calibration = calibrate.choose_after_finetune(calibration, after)
     margin = dt_margin(sweep, config)
+    if sweep.margin_guard is not None:
+        calibration = calibrate.guard_margin(calibration, after, margin, sweep.margin_guard)
+        margin = calibration["dt_margin"]
     calibration.update(class_output_units=outputs.tolist(), spared=spare_class_outputs,
                        dt_margin=margin)  # fmt: skip
     chosen = config._replace(**calibrate.run_point(calibration, margin))

@@ -366,3 +366,69 @@ def test_sweep_decay_spreads_k_over_layers_with_the_per_layer_budget():
     glob = calibrate.sweep_decay(model, params, bs, **kwargs)["points"][0]
     assert set(units.locate(spec, decay.select_top_k(imp, 0.1))[0]) == {0}
     assert glob["units"] == point["units"]
+
+
+def _guarded(after_by_dt: dict, *, at_one=(0.5, 99.0), margin=4.0, tolerance=0.1):
+    """``guard_margin`` over a chosen point K=10, dt=0.5 whose margin-1 run scored ``at_one``
+    (forget, retain after fine-tuning); ``after_by_dt``: dt -> (forget, retain). Returns the
+    output and the dts run."""
+    point = {"top_k": 10, "dt": 0.5, "forget_train_acc": 0.0, "retain_train_acc": 99.5}
+    if at_one is not None:
+        point.update(forget_train_acc_after=at_one[0], retain_train_acc_after=at_one[1])
+    calibration = {"chosen": {"top_k": 10, "dt": 0.5}, "chosen_point": point, "forget_max": 1.0}
+    calls = []
+
+    def after(p):
+        assert p["top_k"] == 10
+        calls.append(p["dt"])
+        forget, retain = after_by_dt[p["dt"]]
+        return {"forget_train_acc": forget, "retain_train_acc": retain}
+
+    return calibrate.guard_margin(calibration, after, margin, tolerance), calls
+
+
+def test_guard_margins_halve_while_above_one():
+    assert calibrate.guard_margins(4.0) == [4.0, 2.0]
+    assert calibrate.guard_margins(3.0) == [3.0, 1.5]
+    assert calibrate.guard_margins(1.0) == []
+    with pytest.raises(ValueError, match="dt_margin must be >= 1"):
+        calibrate.guard_margins(0.5)
+
+
+@pytest.mark.parametrize(
+    ("after_by_dt", "kept", "run"),
+    [
+        # x4 costs 0.09 retain points (<= 0.1): kept, x2 never run.
+        ({2.0: (0.0, 98.91)}, 4.0, [2.0]),
+        # x4 costs 0.15: refused; x2 costs 0.05: kept.
+        ({2.0: (0.0, 98.85), 1.0: (0.0, 98.95)}, 2.0, [2.0, 1.0]),
+        # both cost too much: margin 1.
+        ({2.0: (0.0, 97.0), 1.0: (0.0, 98.5)}, 1.0, [2.0, 1.0]),
+        # x4 keeps retain but lets the class back over the 1% ceiling: refused.
+        ({2.0: (1.5, 99.2), 1.0: (0.2, 99.0)}, 2.0, [2.0, 1.0]),
+    ],
+)
+def test_guard_margin_keeps_the_largest_margin_within_the_tolerance(after_by_dt, kept, run):
+    out, calls = _guarded(after_by_dt)
+    assert out["dt_margin"] == kept and calls == run  # dt = 0.5 x the margin
+    assert out["margin_guard"] == 0.1
+    checks = out["margin_checks"]
+    assert [c["dt_margin"] for c in checks] == [1.0, *(dt / 0.5 for dt in run)]
+    assert checks[0]["retain_train_acc"] == 99.0  # margin 1's, from the check already made
+    assert [c["dt_margin"] for c in checks if c["kept"]] == [kept]
+    assert calibrate.run_point(out, out["dt_margin"]) == {"top_k": 10, "dt": 0.5 * kept}
+
+
+def test_guard_margin_runs_margin_one_itself_when_no_check_scored_it():
+    out, calls = _guarded({0.5: (0.8, 99.0), 2.0: (0.0, 98.0), 1.0: (0.0, 98.95)}, at_one=None)
+    assert calls == [0.5, 2.0, 1.0] and out["dt_margin"] == 2.0
+    # Margin 1 let 0.8% through (under the ceiling): the ceiling bounds the others.
+    out, _ = _guarded({0.5: (3.0, 99.0), 2.0: (2.0, 99.0)}, at_one=None)
+    assert out["dt_margin"] == 4.0  # over the ceiling, but no worse than margin 1's 3%
+
+
+def test_guard_margin_with_margin_one_runs_nothing_and_refuses_a_negative_tolerance():
+    out, calls = _guarded({}, at_one=None, margin=1.0)
+    assert calls == [] and out["dt_margin"] == 1.0
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        _guarded({}, tolerance=-0.1)

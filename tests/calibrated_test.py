@@ -10,7 +10,7 @@ import pytest
 import tdu_jax as tdu
 from experiments import common
 from experiments.config import ExperimentConfig
-from tdu_jax import calibrated, data, decay, models, train, units
+from tdu_jax import calibrate, calibrated, data, decay, models, train, units
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,12 @@ def _no_seconds(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "confirm_seconds")}
 
 
-@pytest.mark.parametrize("margin", [1.0, 4.0])
-def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin):
+@pytest.mark.parametrize(("margin", "guard"), [(1.0, None), (4.0, None), (4.0, 0.0)])
+def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin, guard):
     # The experiments' path (importance through its cache, its sweep, the check through
     # fine-tuning, the run) and the library's one call must choose and end the same, with
-    # the run's dt the chosen one times the margin (--sweep_dt_margin, SweepConfig.dt_margin).
+    # the run's dt the chosen one times the margin (--sweep_dt_margin, SweepConfig.dt_margin),
+    # or the margin the guard kept (--sweep_dt_guard, SweepConfig.margin_guard).
     model, params, bs, train_split, test_split = lenet
     cfg = ExperimentConfig(
         dataset="mnist", model="lenet", seed=1, train_epochs=1, train_optimizer="adam",
@@ -46,6 +47,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin):
         importance_fraction=0.5, calibrate=True, sweep_top_k=(5, 20, 0.25),
         sweep_dt=(0.5, 2.0), sweep_forget_max=5.0, sweep_search_steps=2,
         sweep_retain_sample=300, unit_chunk=64, sample_batch=64, sweep_dt_margin=margin,
+        sweep_dt_guard=guard,
     )  # fmt: skip
     base = {}
     base["acc"], base["per_class"] = common.accuracies(model, params, bs, cfg, train_split,
@@ -56,7 +58,7 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin):
     sweep = tdu.SweepConfig(
         top_ks=cfg.sweep_top_k, dts=cfg.sweep_dt, forget_max=cfg.sweep_forget_max,
         search_steps=cfg.sweep_search_steps, forget_sample=cfg.sweep_forget_sample,
-        retain_sample=cfg.sweep_retain_sample, dt_margin=margin,
+        retain_sample=cfg.sweep_retain_sample, dt_margin=margin, margin_guard=guard,
     )  # fmt: skip
     out = tdu.forget(
         model, params, bs, train=train_split, forget_classes=[3], key=common.run_key(cfg),
@@ -67,15 +69,27 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin):
     for key in ("class_output_units", "spared", "only_class_outputs"):  # its own
         out.calibration.pop(key)
     assert _no_seconds(out.calibration) == _no_seconds(record["calibration"])
-    assert record["calibration"]["dt_margin"] == margin
+    kept = record["calibration"]["dt_margin"]
+    assert kept == margin if guard is None else kept in (1.0, 2.0, 4.0)
     chosen = record["calibration"]["chosen"]
     assert (record["config"]["top_k"], record["config"]["dt"]) == (chosen["top_k"],
-                                                                   chosen["dt"] * margin)
+                                                                   chosen["dt"] * kept)
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
     final, _ = common.accuracies(model, out.unlearned.params, out.unlearned.batch_stats, cfg,
                                  train_split, test_split)  # fmt: skip
     assert final == pytest.approx(record["final"], abs=1e-9)
     assert out.unlearned.history[-1]["finetune_batches"] == 3
+    if guard is not None:  # the guard's check of the kept margin was this very run
+        checks = {c["dt_margin"]: c for c in record["calibration"]["margin_checks"]}
+        assert checks[1.0]["retain_train_acc"] == record["calibration"]["chosen_point"][
+            "retain_train_acc_after"]
+        scored = calibrate.subsample(retain, cfg.sweep_retain_sample, 0)
+        assert checks[kept]["kept"] and calibrate.accuracy(
+            model, out.unlearned.params, out.unlearned.batch_stats, scored, dataset="mnist"
+        ) == pytest.approx(checks[kept]["retain_train_acc"], abs=1e-9)
+        assert all(c["retain_train_acc"] < checks[1.0]["retain_train_acc"] - guard
+                   or c["forget_train_acc"] > max(5.0, checks[1.0]["forget_train_acc"])
+                   for m, c in checks.items() if m > kept)
 
 
 class _MLP:
@@ -199,6 +213,7 @@ def test_the_dt_margin_defaults_by_fine_tuning_and_an_explicit_one_wins():
         ({"sweep": tdu.SweepConfig(dts=(0.5, 0.0))}, "sweep.dts"),
         ({"sweep": tdu.SweepConfig(retain_sample=-1)}, "sweep.retain_sample"),
         ({"sweep": tdu.SweepConfig(dt_margin=0.5)}, "sweep.dt_margin"),
+        ({"sweep": tdu.SweepConfig(margin_guard=-0.1)}, "sweep.margin_guard"),
         ({"importance_fraction": 0.0}, "importance_fraction"),
         ({"config": tdu.DECAY_ONLY._replace(finetune="sometimes")}, "finetune"),
     ],

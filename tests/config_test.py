@@ -44,7 +44,8 @@ LENET_RECORD = {
     "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
     "run_name": None,
     "sample_batch": 128, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_dt_margin": 1.0, "sweep_forget_max": 1.0,
+    "sweep_dt": [0.25, 0.5, 1.0, 2.0], "sweep_dt_guard": None, "sweep_dt_margin": 1.0,
+    "sweep_forget_max": 1.0,
     "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [300, 1000, 3000, 10000, 30000], "top_k": 300, "topk_budget": "per_layer",
@@ -72,7 +73,8 @@ CIFAR_RECORD = {
     "preset": None, "reestimate": False, "resnet_padding": "same", "retain_sample_size": 1000,
     "run_name": None,
     "sample_batch": 1024, "seed": 0, "selection": "topk", "selective_beta": 1.0,
-    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_dt_margin": 1.0, "sweep_forget_max": 5.0,
+    "sweep_dt": [1.0, 2.0, 5.0, 10.0], "sweep_dt_guard": None, "sweep_dt_margin": 1.0,
+    "sweep_forget_max": 5.0,
     "sweep_forget_sample": 0,
     "sweep_retain_sample": 10000, "sweep_search_steps": 6,
     "sweep_top_k": [0.01, 0.02, 0.05, 0.1], "top_k": 0.1, "topk_budget": "global",
@@ -84,10 +86,11 @@ CIFAR_RECORD = {
     "dataset": "cifar10", "row": None,
 }  # fmt: skip
 # Settings added after results were recorded, here at their defaults (sixth, eighth,
-# twelfth and twenty-second sessions).
+# twelfth, twenty-second and twenty-third sessions).
 NEW_AT_DEFAULT = ("sweep_forget_sample", "sweep_retain_sample", "finetune_schedule",
                   "topk_budget", "train_nesterov", "train_decay_norm_bias",
-                  "resnet_padding", "validation_examples", "sweep_dt_margin")  # fmt: skip
+                  "resnet_padding", "validation_examples", "sweep_dt_margin",
+                  "sweep_dt_guard")  # fmt: skip
 # Settings that are not recorded: permissions, the safety floor and the cache location.
 PERMISSIONS = {"overwrite": False, "retrain_base": False, "min_base_acc": -1.0, "cache_dir": None}
 
@@ -124,9 +127,9 @@ def _from_flags(entry: str, dataset: str, argv: list[str], chosen: dict) -> dict
     "entry, dataset, argv, chosen, record, keys",
     [
         ("mnist_lenet", "mnist", LENET_ARGS, {"top_k": 300}, LENET_RECORD,
-         ("e5fa7b48732e9dc0", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
+         ("3e58f97fcff9e50b", "371f110670a766d5", "/tmp/tc_ref/retrain/lenet-87fc13b8fed612f8")),
         ("cifar_ship", "cifar10", ["--workdir=/tmp/tc_ref"], {}, CIFAR_RECORD,
-         ("03704839c58750d0", "67a34703f4e413dd",
+         ("a96518ec178e42f2", "67a34703f4e413dd",
           "/tmp/tc_ref/retrain/resnet18-1c4602563f655d78")),
     ],
     ids=["mnist_lenet", "cifar_ship"],
@@ -200,6 +203,8 @@ def test_validate_config_normalises_and_names_the_flag(tmp_path):
         ({"sweep_search_steps": -1}, "--sweep_search_steps"),
         ({"sweep_dt_margin": 0.5}, "--sweep_dt_margin must be >= 1"),
         ({"sweep_dt_margin": 4.0, "calibrate": False}, "--sweep_dt_margin applies to the"),
+        ({"sweep_dt_guard": -0.1, "sweep_dt_margin": 4.0}, "--sweep_dt_guard must be >= 0"),
+        ({"sweep_dt_guard": 0.1}, "pass --sweep_dt_margin > 1"),
         ({"lam": -1.0}, "--lambda"),
         ({"train_lr": 0.0}, "--train_lr"),
         ({"model": "vgg"}, "--model"),

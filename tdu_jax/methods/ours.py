@@ -46,6 +46,8 @@ class DecayConfig(NamedTuple):
     # (calibrate.confirm_after_finetune), so the class does not come back.
     calibrate_finetune: bool = True
     dt_margin: float = 1.0  # with calibrate: the run's dt = the chosen dt x this (>= 1)
+    # With calibrate: retain-train points a margin may cost (calibrate.guard_margin); None: off.
+    dt_guard: float | None = None
 
 
 class RetrainConfig(NamedTuple):
@@ -82,6 +84,11 @@ def decay(
         raise ValueError(
             f"importance_fraction must be in (0, 1]; got {config.importance_fraction}."
         )
+    if not config.dt_margin >= 1:
+        raise ValueError(f"dt_margin must be >= 1; got {config.dt_margin}")
+    if config.dt_guard is not None and not config.dt_guard >= 0:
+        raise ValueError(f"dt_guard must be None or >= 0 (retain-train points); "
+                         f"got {config.dt_guard}")  # fmt: skip
     timer = base.Timer()
     sample_key, run_key = jax.random.split(key)
     sample = data_in.forget_train
@@ -122,22 +129,25 @@ def decay(
             forget_max=config.sweep_forget_max, search_steps=config.sweep_search_steps,
             budget=ucfg.topk_budget,
         )  # fmt: skip
-        if config.calibrate_finetune and ucfg.finetune != "none":
 
-            def run(top_k, dt):
-                out = unlearn.unlearn(
-                    model, params, batch_stats, dataset=dataset, data_in=unlearn_data,
-                    config=ucfg._replace(top_k=top_k, dt=dt, evaluate_each_step=False),
-                    key=run_key, precomputed=precomputed,
-                )  # fmt: skip
-                return out.params, out.batch_stats
-
-            sweep = calibrate.confirm_after_finetune(
-                model, sweep=sweep, run=run, dataset=dataset,
-                forget_train=scored_forget, retain_train=scored,
+        def run(top_k, dt):
+            out = unlearn.unlearn(
+                model, params, batch_stats, dataset=dataset, data_in=unlearn_data,
+                config=ucfg._replace(top_k=top_k, dt=dt, evaluate_each_step=False),
+                key=run_key, precomputed=precomputed,
             )  # fmt: skip
-        sweep = {**sweep, "dt_margin": config.dt_margin}
-        ucfg = ucfg._replace(**calibrate.run_point(sweep, config.dt_margin))
+            return out.params, out.batch_stats
+
+        after = calibrate.scores_after_run(
+            model, run, dataset=dataset, forget_train=scored_forget, retain_train=scored
+        )
+        if config.calibrate_finetune and ucfg.finetune != "none":
+            sweep = calibrate.choose_after_finetune(sweep, after)
+        if config.dt_guard is None:
+            sweep = {**sweep, "dt_margin": config.dt_margin}
+        else:
+            sweep = calibrate.guard_margin(sweep, after, config.dt_margin, config.dt_guard)
+        ucfg = ucfg._replace(**calibrate.run_point(sweep, sweep["dt_margin"]))
         phases["calibration"] = phase.seconds()
     result = unlearn.unlearn(
         model,
