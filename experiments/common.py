@@ -816,15 +816,15 @@ def calibrate_decay(cfg, model, params, batch_stats, train_split, imp, spec,
     return sweep
 
 
-def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, precomputed):
+def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, precomputed,
+                        after):  # fmt: skip
     """``sweep``'s points checked through cfg's own decay and fine-tuning
-    (``calibrate.confirm_after_finetune``); a sweep made with another lambda or T (e.g. the
-    table's no-fine-tune row) is first redone with cfg's."""
+    (``calibrate.choose_after_finetune``; ``after`` from ``scores_after_row``); a sweep made
+    with another lambda or T (e.g. the table's no-fine-tune row) is first redone with cfg's."""
     if (sweep["lambda"], sweep["decay_steps"]) != (cfg.lam, cfg.decay_steps):
         spec = unit_spec(cfg, params)
         sweep = calibrate_decay(cfg, model, params, batch_stats, train_split, precomputed, spec)
     start = time.perf_counter()
-    after = scores_after_row(cfg, model, params, batch_stats, train_split, precomputed)
     confirmed = calibrate.choose_after_finetune(sweep, after)
     confirmed["confirm_seconds"] = time.perf_counter() - start  # part of the unlearning cost
     logging.info("Calibration after fine-tuning chose %s (%s)", confirmed["chosen"],
@@ -832,11 +832,13 @@ def confirm_calibration(cfg, model, params, batch_stats, train_split, sweep, pre
     return confirmed
 
 
-def guard_calibration(cfg, model, params, batch_stats, train_split, calibration, precomputed):
-    """``calibration`` with the margin of --sweep_dt_margin checked by --sweep_dt_guard
-    through cfg's own run (``calibrate.guard_margin``); its seconds join ``confirm_seconds``."""
+def guard_calibration(cfg, calibration, after):
+    """``calibration`` with the margin of --sweep_dt_margin (``dt_margin``), checked by
+    --sweep_dt_guard through cfg's own run where given (``calibrate.guard_margin``; ``after``
+    from ``scores_after_row``); the guard's seconds join ``confirm_seconds``."""
+    if cfg.sweep_dt_guard is None:
+        return {**calibration, "dt_margin": cfg.sweep_dt_margin}
     start = time.perf_counter()
-    after = scores_after_row(cfg, model, params, batch_stats, train_split, precomputed)
     guarded = calibrate.guard_margin(calibration, after, cfg.sweep_dt_margin, cfg.sweep_dt_guard)
     guarded["confirm_seconds"] = (calibration.get("confirm_seconds", 0.0)
                                   + time.perf_counter() - start)  # fmt: skip
@@ -983,15 +985,15 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
     elif sweep_here:
         calibration = calibrate_decay(cfg, model, params, batch_stats, train_split,
                                       precomputed, unit_spec(cfg, params))  # fmt: skip
-    if calibration is not None and cfg.calibrate_finetune and cfg.finetune != "none":
-        calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
-                                          calibration, precomputed)  # fmt: skip
-    if calibration is not None and cfg.sweep_dt_guard is not None:
-        calibration = guard_calibration(cfg, model, params, batch_stats, train_split,
-                                        calibration, precomputed)  # fmt: skip
-    elif calibration is not None:
-        calibration = {**calibration, "dt_margin": cfg.sweep_dt_margin}
-    if calibration is not None:  # the chosen point, decayed with dt x the margin
+    if calibration is not None:  # checks through the row's own run, then the margin
+        confirm = cfg.calibrate_finetune and cfg.finetune != "none"
+        after = None
+        if confirm or cfg.sweep_dt_guard is not None:
+            after = scores_after_row(cfg, model, params, batch_stats, train_split, precomputed)
+        if confirm:
+            calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
+                                              calibration, precomputed, after)  # fmt: skip
+        calibration = guard_calibration(cfg, calibration, after)
         cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration,
                                                              calibration["dt_margin"]))
     ucfg = unlearn_config(cfg, retain_train.size)

@@ -27,8 +27,8 @@ When no point silences, the fallback's ties on forget accuracy are scored in ful
 
 A decay that only just silences the class is undone by fine-tuning on the retained classes
 (the weights keep most of their size and retain gradients pull them back). When the run
-fine-tunes, ``confirm_after_finetune`` therefore checks the sweep's points through the run
-itself:
+fine-tunes, ``choose_after_finetune`` therefore checks the sweep's points through the run
+itself (``scores_after_run`` scores a run):
 
     among the points with forget-train accuracy <= ``forget_max`` before fine-tuning, take
     them in order of least damage (highest retain-train accuracy before fine-tuning) and keep
@@ -327,12 +327,6 @@ def scores_after_run(
                                 dataset=dataset, preprocess=preprocess)  # fmt: skip
 
     return after
-
-
-def confirm_after_finetune(model: nn.Module, *, sweep: dict, run: RunFn, **samples) -> dict:
-    """``choose_after_finetune`` through ``run``, scored on the sweep's training samples
-    (``samples``: ``scores_after_run``'s keyword arguments)."""
-    return choose_after_finetune(sweep, scores_after_run(model, run, **samples))
 
 
 def guard_margins(margin: float) -> list[float]:

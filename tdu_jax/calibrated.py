@@ -89,7 +89,7 @@ DEFAULT_SWEEP = SweepConfig()
 
 class ForgetResult(NamedTuple):
     unlearned: unlearn.UnlearnResult  # the run with the chosen K and Δt
-    calibration: dict  # the sweep (``calibrate.sweep_decay``; ``confirm_after_finetune``)
+    calibration: dict  # the sweep (``calibrate.sweep_decay``; ``choose_after_finetune``)
     config: unlearn.UnlearnConfig  # the run's config: ``top_k``/``dt`` as chosen
 
 
@@ -199,7 +199,8 @@ def finetune_check_run(
     loss_fn: Callable | None = None,
 ) -> calibrate.RunFn:
     """``(top_k, dt) -> (params, batch_stats)`` after ``config``'s decay and fine-tuning with
-    that point, no evaluation: the run ``calibrate.confirm_after_finetune`` checks."""
+    that point, no evaluation: the run the calibration's checks score
+    (``calibrate.scores_after_run``)."""
     data_in = data_in._replace(test=data.take(data_in.retain_train, 0))
 
     def run(top_k, dt):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdu_jax import calibrate, data, selective, train, unlearn
+from tdu_jax import calibrate, calibrated, data, selective, train, unlearn
 from tdu_jax.methods import base
 from tdu_jax.methods.base import MethodData, MethodResult, PyTree
 
@@ -43,7 +43,7 @@ class DecayConfig(NamedTuple):
     sweep_retain_size: int = 10000  # retain-train images scored per sweep point (0: all)
     sweep_forget_size: int = 0  # forget-train images scored per sweep point (0: all)
     # With calibrate and fine-tuning: confirm the point through the run's own fine-tuning
-    # (calibrate.confirm_after_finetune), so the class does not come back.
+    # (calibrate.choose_after_finetune), so the class does not come back.
     calibrate_finetune: bool = True
     dt_margin: float = 1.0  # with calibrate: the run's dt = the chosen dt x this (>= 1)
     # With calibrate: retain-train points a margin may cost (calibrate.guard_margin); None: off.
@@ -129,15 +129,9 @@ def decay(
             forget_max=config.sweep_forget_max, search_steps=config.sweep_search_steps,
             budget=ucfg.topk_budget,
         )  # fmt: skip
-
-        def run(top_k, dt):
-            out = unlearn.unlearn(
-                model, params, batch_stats, dataset=dataset, data_in=unlearn_data,
-                config=ucfg._replace(top_k=top_k, dt=dt, evaluate_each_step=False),
-                key=run_key, precomputed=precomputed,
-            )  # fmt: skip
-            return out.params, out.batch_stats
-
+        run = calibrated.finetune_check_run(model, params, batch_stats, data_in=unlearn_data,
+                                            config=ucfg, key=run_key, precomputed=precomputed,
+                                            dataset=dataset)  # fmt: skip
         after = calibrate.scores_after_run(
             model, run, dataset=dataset, forget_train=scored_forget, retain_train=scored
         )
