@@ -207,6 +207,7 @@ def earlier_runs(out_dir: pathlib.Path, key: str, variants: dict) -> tuple[dict,
             for name, by_seed in saved["runs"].items()}  # fmt: skip
     return rows, {**saved["variants"], **variants}
 
+
 if __name__ == "__main__":
     define_flags()
     app.run(main)

@@ -314,8 +314,10 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
     if not cfg.sweep_dt_margin >= 1:
         raise ValueError(f"--sweep_dt_margin must be >= 1; got {cfg.sweep_dt_margin}")
     if cfg.sweep_dt_margin != 1 and not cfg.calibrate:
-        raise ValueError("--sweep_dt_margin applies to the calibrated dt: pass --calibrate, "
-                         "or scale --dt yourself")
+        raise ValueError(
+            "--sweep_dt_margin applies to the calibrated dt: pass --calibrate, "
+            "or scale --dt yourself"
+        )
     if cfg.sweep_dt_guard is not None:
         if not cfg.sweep_dt_guard >= 0:
             raise ValueError(f"--sweep_dt_guard must be >= 0 (retain-train points); "
@@ -865,8 +867,9 @@ def scores_after_row(cfg, model, params, batch_stats, train_split, precomputed):
         return check(top_k, dt)
 
     scored_forget, scored_retain = sweep_samples(cfg, train_split)
-    return calibrate.scores_after_run(model, run, dataset=cfg.dataset,
-                                      forget_train=scored_forget, retain_train=scored_retain)
+    return calibrate.scores_after_run(
+        model, run, dataset=cfg.dataset, forget_train=scored_forget, retain_train=scored_retain
+    )
 
 
 def run_key(cfg: ExperimentConfig) -> jax.Array:
@@ -994,8 +997,7 @@ def run_one(cfg, model, params, batch_stats, base, train_split, test_split, *,
             calibration = confirm_calibration(cfg, model, params, batch_stats, train_split,
                                               calibration, precomputed, after)  # fmt: skip
         calibration = guard_calibration(cfg, calibration, after)
-        cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration,
-                                                             calibration["dt_margin"]))
+        cfg = dataclasses.replace(cfg, **calibrate.run_point(calibration, calibration["dt_margin"]))
     ucfg = unlearn_config(cfg, retain_train.size)
     progress = {"importance": Progress("importance"), "finetune": Progress("finetune")}
 

@@ -148,8 +148,11 @@ def run_table(name: str, cfg: ExperimentConfig, rows: list[str], seeds: list[int
             imp, sweep = None, None
             row_cfgs = {r: row_config(req, r, seed, requests) for r in rows}
             finished = {r: common.existing_result(c) for r, c in row_cfgs.items()}
-            sweep = recorded_sweep(sweeps.get(f"{req_name}-seed{seed}"), finished.values(),
-                                   [shares_calibration(c, req) for c in row_cfgs.values()])
+            sweep = recorded_sweep(
+                sweeps.get(f"{req_name}-seed{seed}"),
+                finished.values(),
+                [shares_calibration(c, req) for c in row_cfgs.values()],
+            )
             if sweep is not None:  # every row finished with this sweep: nothing to redo
                 logging.info("Every row of forget %s, seed %d is finished", req_name, seed)
             elif any(shares_importance(c, req) for c in row_cfgs.values()):

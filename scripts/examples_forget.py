@@ -237,8 +237,11 @@ def main() -> None:
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="examples_forget.jsonl")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="variants to run (hand always runs: it gives the model before)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="variants to run (hand always runs: it gives the model before)",
+    )
     parser.add_argument("--attacks", action="store_true",
                         help="retrain without each digit and judge every model with "
                              "tdu.forgetting_metrics")  # fmt: skip

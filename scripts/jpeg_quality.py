@@ -59,7 +59,7 @@ def estimate_steps(blocks: np.ndarray, max_step: int = 128) -> tuple[np.ndarray,
         for v in range(8):
             c = np.sort(np.abs(coefficients[:, u, v]))
             for q in range(max_step, 1, -1):  # the largest step that explains them
-                kept = c[np.searchsorted(c, q / 2):]
+                kept = c[np.searchsorted(c, q / 2) :]
                 if kept.size >= MIN_COEFFICIENTS and _share_near_multiples(kept, q) >= MIN_SHARE:
                     steps[u, v], counts[u, v] = q, kept.size
                     break

@@ -37,13 +37,20 @@ def block(results: list[dict], title: str, sources: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", type=pathlib.Path, nargs="+",
-                        help="results folders; their rows are listed together")
+    parser.add_argument(
+        "folders",
+        type=pathlib.Path,
+        nargs="+",
+        help="results folders; their rows are listed together",
+    )
     parser.add_argument("--title", required=True)
     parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("README.md"))
     args = parser.parse_args()
-    results = [r for folder in args.folders
-               for r in json.loads((folder / "forgetting.json").read_text())["results"]]
+    results = [
+        r
+        for folder in args.folders
+        for r in json.loads((folder / "forgetting.json").read_text())["results"]
+    ]
     text = args.readme.read_text()
     if START not in text:
         raise SystemExit(f"{args.readme} has no {START} marker")

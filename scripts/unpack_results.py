@@ -45,8 +45,12 @@ def unpack(folder: pathlib.Path, workdir: pathlib.Path) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=pathlib.Path,
-                        help="saved table folders (with forgetting.json or summary.json)")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        type=pathlib.Path,
+        help="saved table folders (with forgetting.json or summary.json)",
+    )
     parser.add_argument("--workdir", type=pathlib.Path, required=True,
                         help="the --workdir to pool them in")  # fmt: skip
     args = parser.parse_args()

@@ -89,8 +89,10 @@ def reversed_entropy_attack(results: Sequence[dict]) -> str:
               if (count := reversed_fit_count(results, source))]  # fmt: skip
     if not counts:
         return ""
-    return ("mia_entropy's attack fitted a slope >= 0 (higher entropy -> member, its premise "
-            "reversed; mia_entropy is no evidence there) on: " + ", ".join(counts))
+    return (
+        "mia_entropy's attack fitted a slope >= 0 (higher entropy -> member, its premise "
+        "reversed; mia_entropy is no evidence there) on: " + ", ".join(counts)
+    )
 
 
 def values(results: Sequence[dict], source: str, metric: str) -> list[float]:
@@ -153,8 +155,11 @@ def forgetting_markdown(results: Sequence[dict], title: str, goals: Sequence[Goa
             sep = [r["separates"][metric] for r in group if metric in (r.get("separates") or {})]
             sep_text = f"{sum(sep)}/{len(sep)}" if sep else "—"
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gap} | {sep_text} |")
-        lines += ["", "cost_ratio (unlearning seconds, calibration included / retraining "
-                  f"seconds), in %: {cost_text(group)}"]
+        lines += [
+            "",
+            "cost_ratio (unlearning seconds, calibration included / retraining "
+            f"seconds), in %: {cost_text(group)}",
+        ]
         reversed_text = reversed_entropy_attack(group)
         if reversed_text:
             lines += ["", reversed_text]

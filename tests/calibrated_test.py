@@ -72,8 +72,10 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin, 
     kept = record["calibration"]["dt_margin"]
     assert kept == margin if guard is None else kept in (1.0, 2.0, 4.0)
     chosen = record["calibration"]["chosen"]
-    assert (record["config"]["top_k"], record["config"]["dt"]) == (chosen["top_k"],
-                                                                   chosen["dt"] * kept)
+    assert (record["config"]["top_k"], record["config"]["dt"]) == (
+        chosen["top_k"],
+        chosen["dt"] * kept,
+    )
     assert (out.config.top_k, out.config.dt) == (record["config"]["top_k"], record["config"]["dt"])
     final, _ = common.accuracies(model, out.unlearned.params, out.unlearned.batch_stats, cfg,
                                  train_split, test_split)  # fmt: skip
@@ -81,15 +83,20 @@ def test_forget_matches_the_experiments_calibrated_run(lenet, tmp_path, margin, 
     assert out.unlearned.history[-1]["finetune_batches"] == 3
     if guard is not None:  # the guard's check of the kept margin was this very run
         checks = {c["dt_margin"]: c for c in record["calibration"]["margin_checks"]}
-        assert checks[1.0]["retain_train_acc"] == record["calibration"]["chosen_point"][
-            "retain_train_acc_after"]
+        assert (
+            checks[1.0]["retain_train_acc"]
+            == record["calibration"]["chosen_point"]["retain_train_acc_after"]
+        )
         scored = calibrate.subsample(retain, cfg.sweep_retain_sample, 0)
         assert checks[kept]["kept"] and calibrate.accuracy(
             model, out.unlearned.params, out.unlearned.batch_stats, scored, dataset="mnist"
         ) == pytest.approx(checks[kept]["retain_train_acc"], abs=1e-9)
-        assert all(c["retain_train_acc"] < checks[1.0]["retain_train_acc"] - guard
-                   or c["forget_train_acc"] > max(5.0, checks[1.0]["forget_train_acc"])
-                   for m, c in checks.items() if m > kept)
+        assert all(
+            c["retain_train_acc"] < checks[1.0]["retain_train_acc"] - guard
+            or c["forget_train_acc"] > max(5.0, checks[1.0]["forget_train_acc"])
+            for m, c in checks.items()
+            if m > kept
+        )
 
 
 class _MLP:

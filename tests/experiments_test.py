@@ -349,10 +349,16 @@ def test_presets_add_our_choice_for_the_decay_only_rows_only():
     # The ratio score on L1 (under a 0.5% ceiling) and on C1 (under CIFAR's own 5%), the
     # rows without fine-tuning; every other row is the reference's alone, and the
     # reference's rows are left as they are.
-    assert presets.preset("L1") == dict(selection="topk", decay_steps=7, finetune="none",
-                                        importance_score="ratio", sweep_forget_max=0.5)
-    assert presets.preset("C1") == dict(lam=0.05, decay_steps=5, finetune="none",
-                                        importance_score="ratio")
+    assert presets.preset("L1") == dict(
+        selection="topk",
+        decay_steps=7,
+        finetune="none",
+        importance_score="ratio",
+        sweep_forget_max=0.5,
+    )
+    assert presets.preset("C1") == dict(
+        lam=0.05, decay_steps=5, finetune="none", importance_score="ratio"
+    )
     for row in presets.PRESETS:
         if row not in ("L1", "C1"):
             assert presets.preset(row) == presets.PRESETS[row], row
@@ -807,7 +813,8 @@ def test_finetune_harm_grid_choice_and_resume(tfds_dir, tmp_path):
     assert {c["batches"] for c in result["cells"].values()} == {2, 1}  # 0.1 x ceil(n / 64)
     for cell in result["cells"].values():
         assert cell["validation_change"] == pytest.approx(
-            cell["validation_retain_acc"] - result["base_retain_acc"]["validation"])
+            cell["validation_retain_acc"] - result["base_retain_acc"]["validation"]
+        )
     assert result["chosen"] in [c["recipe"] for c in result["cells"].values()]
     assert "(table's)" in (tmp_path / "finetune_harm" / "finetune_harm.md").read_text()
     # A rerun measures nothing again; another base model's folder is refused, kept.

@@ -109,7 +109,8 @@ def test_scores_share_the_cached_forget_and_retain_passes(tmp_path, monkeypatch)
                     sample.labels[i:i + 1], spec) for i in range(9)]  # fmt: skip
     np.testing.assert_allclose(
         worst.loss_increase,
-        selective.worst_class_ratio_importance(forget, classes).loss_increase, rtol=1e-6,
+        selective.worst_class_ratio_importance(forget, classes).loss_increase,
+        rtol=1e-6,
     )
     run(importance_score="worst_class_ratio")
     assert len(samples) == 12  # every class's pass reused from the cache

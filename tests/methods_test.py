@@ -538,12 +538,22 @@ def test_decay_dt_margin_runs_the_chosen_point_with_a_longer_dt(toy):
     # The guard (dt_guard, retain-train points): margin 1 is run and scored first (decay-only:
     # no fine-tune check scored it), then 2; the run is the margin it kept, exactly.
     for guard in (0.0, 100.0):
-        out = M.run_method("decay", model, params, batch_stats, data_in, jax.random.key(3),
-                           config._replace(dt_margin=2.0, dt_guard=guard), dataset="mnist")
+        out = M.run_method(
+            "decay",
+            model,
+            params,
+            batch_stats,
+            data_in,
+            jax.random.key(3),
+            config._replace(dt_margin=2.0, dt_guard=guard),
+            dataset="mnist",
+        )
         checks = out.info["calibration"]["margin_checks"]
         assert [c["dt_margin"] for c in checks] == [1.0, 2.0]
-        holds = (checks[1]["retain_train_acc"] >= checks[0]["retain_train_acc"] - guard
-                 and checks[1]["forget_train_acc"] <= max(50.0, checks[0]["forget_train_acc"]))
+        one, two = checks
+        retain_holds = two["retain_train_acc"] >= one["retain_train_acc"] - guard
+        forget_holds = two["forget_train_acc"] <= max(50.0, one["forget_train_acc"])
+        holds = retain_holds and forget_holds
         kept = out.info["calibration"]["dt_margin"]
         assert kept == (2.0 if holds else 1.0) and (guard == 0.0 or kept == 2.0)
         flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out.params)])

@@ -105,8 +105,9 @@ def decay(
         retain_train=data_in.retain_train,
         test=base.empty_split(data_in.retain_train),
         forget_classes=tuple(data_in.forget_classes),
-        retain_sample=selective.retain_sample(data_in.retain_train, config.retain_sample_size,
-                                              seed, config.unlearn.importance_score)
+        retain_sample=selective.retain_sample(
+            data_in.retain_train, config.retain_sample_size, seed, config.unlearn.importance_score
+        )
         if scores_retain
         else None,
     )
